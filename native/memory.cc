@@ -1,0 +1,77 @@
+// Aligned buffers for O_DIRECT and the alignment an fd needs.
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "common.h"
+
+namespace snapblock {
+
+namespace {
+
+constexpr uint32_t kDefaultAlignment = 4096;
+constexpr uint32_t kMinAlignment = 512;
+
+// Zero-filled memory from posix_memalign, owned (and freed) by the returned Buffer.
+Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t size = ArgUint(info, 0, "size");
+  int64_t alignment = ArgUint(info, 1, "alignment");
+  if (alignment == 0 || (alignment & (alignment - 1)) != 0 || alignment > (1 << 30)) {
+    throw Napi::TypeError::New(env, "alignment (argument 1) must be a power of two <= 1 GiB");
+  }
+  if (size == 0) return Napi::Buffer<uint8_t>::New(env, 0);
+
+  void* mem = nullptr;
+  size_t align = std::max<size_t>(static_cast<size_t>(alignment), sizeof(void*));
+  int err = posix_memalign(&mem, align, static_cast<size_t>(size));
+  if (err != 0) throw ErrnoError(env, err, "posix_memalign");
+  std::memset(mem, 0, static_cast<size_t>(size));
+  // Tell V8 about the off-heap memory so GC pressure reflects it.
+  Napi::MemoryManagement::AdjustExternalMemory(env, size);
+  return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(mem), static_cast<size_t>(size),
+                                    [size](Napi::Env env, uint8_t* data) {
+                                      free(data);
+                                      Napi::MemoryManagement::AdjustExternalMemory(env, -size);
+                                    });
+}
+
+// Logical block size for block devices; STATX_DIOALIGN for files; 4096 when unknown.
+Napi::Value Alignment(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0);
+  struct stat st;
+  if (fstat(fd, &st) < 0) throw ErrnoError(env, errno, "fstat");
+
+  uint32_t align = 0;
+  if (S_ISBLK(st.st_mode)) {
+    int lbs = 0;
+    if (ioctl(fd, BLKSSZGET, &lbs) < 0) throw ErrnoError(env, errno, "ioctl");
+    align = static_cast<uint32_t>(lbs);
+  }
+#ifdef STATX_DIOALIGN
+  else {
+    struct statx stx;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN) != 0) {
+      align = std::max(stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+    }
+  }
+#endif
+  if (align == 0 || (align & (align - 1)) != 0) align = kDefaultAlignment;
+  return Napi::Number::New(env, std::max(align, kMinAlignment));
+}
+
+}  // namespace
+
+void InitMemory(Napi::Env env, Napi::Object exports) {
+  exports.Set("allocAligned", Napi::Function::New(env, AllocAligned, "allocAligned"));
+  exports.Set("alignment", Napi::Function::New(env, Alignment, "alignment"));
+}
+
+}  // namespace snapblock

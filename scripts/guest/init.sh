@@ -1,0 +1,206 @@
+#!/bin/busybox sh
+# PID 1 of the snapblock test guest (copied to /init by build.sh).
+#
+# Attaches an NBD export with the real kernel nbd driver + nbd-client, runs one
+# scenario, prints exactly one line "SNAPBLOCK-GUEST PASS" or
+# "SNAPBLOCK-GUEST FAIL <reason>" and powers off. run.sh greps for that line.
+#
+# Per-run settings come from /snapblock/settings.env, carried by a second cpio
+# that run.sh appends to the initrd. The host's NBD server is reachable only as
+# 10.0.2.100:10809 (QEMU guestfwd -> socat -> server).
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /bin
+/bin/busybox --install -s /bin
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+
+# ---- defaults (overridden by settings.env) ----------------------------------
+SCENARIO=fs            # fs | verify-ro | fio
+EXPORT=""              # NBD export name ("" = default export)
+CONNS=1                # nbd-client -C: TCP connections (each gets its own socat)
+BLOCKSIZE=4096         # nbd-client -b
+NBD_TIMEOUT=30         # nbd-client -t: per-request timeout, seconds
+FS_FILES="1024 3072 64 5120 7"   # fs: sizes in KiB of the random files to write
+FS_SMALL_FILES=32      # fs: number of small (1-16 KiB) files, exercises metadata
+MKFS_OPTS=""           # fs: extra mkfs.ext4 options
+MOUNT_OPTS=""          # extra mount options (verify-ro always adds ro)
+FSCK=1                 # run e2fsck -fn on the unmounted filesystem
+CHECKSUMS=""           # verify-ro: sha256sum lines, paths relative to the fs root
+FIO_SIZE=64M           # fio: bytes of /dev/nbd0 to write and verify
+FIO_BS=4k-64k          # fio: --bsrange
+FIO_IODEPTH=16
+[ -f /snapblock/settings.env ] && . /snapblock/settings.env
+
+NBD=/dev/nbd0
+
+log() { echo "snapblock-guest: $*"; }
+
+# Print the result line once and power off. Everything ends here.
+finish() {
+  cd /
+  echo "SNAPBLOCK-GUEST $*"
+  sync
+  poweroff -f
+  sleep 30
+}
+fail() {
+  log "--- failure diagnostics (dmesg tail)"
+  dmesg | tail -n 40
+  umount /mnt 2>/dev/null
+  nbd-client -d "$NBD" >/dev/null 2>&1
+  finish "FAIL $*"
+}
+
+# Run a command, echoing it, and fail with its name if it fails.
+run() {
+  log "\$ $*"
+  "$@" || fail "'$*' exited $?"
+}
+
+# ---- boot: modules and network ---------------------------------------------
+while read -r m; do
+  args=""
+  # max_part=0: no partition scan on attach, so the server sees only our I/O.
+  [ "$m" = nbd.ko ] && args="nbds_max=2 max_part=0"
+  insmod "/lib/modules/snapblock/$m" $args || fail "insmod $m"
+done </lib/modules/snapblock/order
+
+ip link set lo up
+ip link set eth0 up || fail "no eth0 (virtio-net missing?)"
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+
+# ---- NBD helpers ------------------------------------------------------------
+size_sectors() { cat /sys/block/nbd0/size 2>/dev/null || echo 0; }
+
+# attach [extra nbd-client flags]: connect $NBD, retrying a few times because
+# a just-disconnected device can still be busy for a moment.
+attach() {
+  set -- -b "$BLOCKSIZE" -C "$CONNS" -t "$NBD_TIMEOUT" "$@"
+  [ -n "$EXPORT" ] && set -- -N "$EXPORT" "$@"
+  i=0
+  while :; do
+    log "\$ nbd-client $* 10.0.2.100 10809 $NBD"
+    nbd-client "$@" 10.0.2.100 10809 "$NBD" && [ "$(size_sectors)" -gt 0 ] && break
+    i=$((i + 1))
+    [ $i -ge 5 ] && fail "nbd-client attach failed"
+    sleep 1
+  done
+  log "attached: $(($(size_sectors) / 2048)) MiB, ro=$(cat /sys/block/nbd0/ro), connections=$CONNS"
+}
+
+# detach: disconnect and wait until the kernel has torn the device down (the
+# netlink disconnect is asynchronous), so the next attach starts clean.
+detach() {
+  run nbd-client -d "$NBD"
+  i=0
+  while [ "$(size_sectors)" != 0 ] || [ -e /sys/block/nbd0/pid ]; do
+    i=$((i + 1))
+    [ $i -ge 100 ] && fail "nbd0 still attached 10 s after nbd-client -d"
+    usleep 100000
+  done
+}
+
+fsck_ro() {
+  [ "$FSCK" = 1 ] || return 0
+  log "\$ e2fsck -fn $NBD"
+  e2fsck -fn "$NBD" || fail "e2fsck -fn reported problems (exit $?)"
+}
+
+mount_fs() { # extra options
+  opts=$1
+  [ -n "$MOUNT_OPTS" ] && opts="${opts:+$opts,}$MOUNT_OPTS"
+  run mount -t ext4 ${opts:+-o "$opts"} "$NBD" /mnt
+}
+
+# ---- scenarios --------------------------------------------------------------
+
+# fs: mkfs, write files, record checksums, detach, reattach, verify.
+# The files stay on the export, so a later verify-ro run (e.g. on a snapshot)
+# can check them with the SNAPBLOCK-SUM lines printed here.
+scenario_fs() {
+  attach
+  run mkfs.ext4 -q -F -b 4096 $MKFS_OPTS "$NBD"
+  mount_fs ""
+  run mkdir -p /mnt/data/small
+  n=0
+  for kb in $FS_FILES; do
+    head -c $((kb * 1024)) /dev/urandom >/mnt/data/f$n.bin || fail "write f$n.bin"
+    n=$((n + 1))
+  done
+  i=0
+  while [ $i -lt "$FS_SMALL_FILES" ]; do
+    head -c $(((i * 977) % 16384 + 1024)) /dev/urandom >/mnt/data/small/s$i.bin || fail "write s$i.bin"
+    i=$((i + 1))
+  done
+  (cd /mnt && find data -type f | sort | xargs sha256sum) >/tmp/sums || fail "sha256sum"
+  log "wrote $(wc -l </tmp/sums) files, $(du -sk /mnt/data | cut -f1) KiB"
+  sed 's/^/SNAPBLOCK-SUM /' /tmp/sums
+  run sync
+  run umount /mnt
+  fsck_ro
+  detach
+  # Page cache of nbd0 is gone with the device; drop the rest for good measure.
+  echo 3 >/proc/sys/vm/drop_caches
+  attach
+  mount_fs ""
+  log "\$ sha256sum -c"
+  (cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || {
+    grep -v ': OK$' /tmp/check | head -n 20
+    fail "checksum mismatch after reattach"
+  }
+  run umount /mnt
+  fsck_ro
+  detach
+  finish PASS
+}
+
+# verify-ro: attach read-only, mount read-only, verify $CHECKSUMS.
+scenario_verify_ro() {
+  [ -n "$CHECKSUMS" ] || fail "verify-ro needs CHECKSUMS"
+  printf '%s\n' "$CHECKSUMS" | grep -v '^$' >/tmp/sums
+  attach -R
+  [ "$(cat /sys/block/nbd0/ro)" = 1 ] || fail "nbd0 is not read-only after nbd-client -R"
+  fsck_ro
+  mount_fs ro
+  log "\$ sha256sum -c ($(wc -l </tmp/sums) files)"
+  (cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || {
+    grep -v ': OK$' /tmp/check | head -n 20
+    fail "checksum mismatch"
+  }
+  run umount /mnt
+  detach
+  finish PASS
+}
+
+# fio: random writes with crc32c verify on the raw device, then detach,
+# reattach and verify the same data again (--verify_only) from the server.
+scenario_fio() {
+  command -v fio >/dev/null || fail "fio not in this guest (build without fio?)"
+  attach
+  set -- --name=snapblock --filename="$NBD" --thread --direct=1 --ioengine=libaio \
+    --iodepth="$FIO_IODEPTH" --rw=randwrite --bsrange="$FIO_BS" --size="$FIO_SIZE" \
+    --randrepeat=1 --verify=crc32c --verify_fatal=1 \
+    --group_reporting --output-format=terse --terse-version=3
+  log "\$ fio $* (write + verify)"
+  fio "$@" >/tmp/fio1 2>&1 || { cat /tmp/fio1; fail "fio write/verify failed"; }
+  detach
+  attach
+  log "\$ fio --verify_only (after reattach)"
+  fio "$@" --verify_only >/tmp/fio2 2>&1 || { cat /tmp/fio2; fail "fio verify after reattach failed"; }
+  detach
+  finish PASS
+}
+
+log "scenario=$SCENARIO export='$EXPORT' conns=$CONNS kernel=$(uname -r)"
+case "$SCENARIO" in
+  fs) scenario_fs ;;
+  verify-ro) scenario_verify_ro ;;
+  fio) scenario_fio ;;
+  *) fail "unknown scenario '$SCENARIO'" ;;
+esac
+fail "scenario returned without a result"

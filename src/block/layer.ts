@@ -1,0 +1,65 @@
+// The one interface every block layer implements. Layers stack: a filter holds the
+// layer below it and passes calls down, the way nbdkit filters stack over plugins.
+// Offsets and lengths are in bytes and have already been range-checked by the caller
+// (the protocol edge); layers may trust them.
+
+export type BlockErrorCode = 'EIO' | 'ENOSPC' | 'EINVAL' | 'EPERM' | 'ENOTSUP' | 'EOVERFLOW' | 'ESHUTDOWN' | 'ENOMEM';
+
+/** An error a layer reports on purpose; its code travels to the NBD client. */
+export class BlockError extends Error {
+  constructor(
+    readonly code: BlockErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'BlockError';
+  }
+}
+
+export interface WriteFlags {
+  /** force unit access: durable before the promise resolves */
+  fua?: boolean;
+}
+
+export interface ZeroFlags extends WriteFlags {
+  /** the range may be deallocated (NBD: NO_HOLE not set) */
+  mayTrim?: boolean;
+  /** fail with ENOTSUP rather than zero slowly (NBD: FAST_ZERO) */
+  fast?: boolean;
+}
+
+export interface Extent {
+  offset: number;
+  length: number;
+  /** unallocated: reading it costs nothing and returns zeroes */
+  hole: boolean;
+  /** reads as zeroes */
+  zero: boolean;
+}
+
+export interface Capabilities {
+  readOnly: boolean;
+  /** flush on one connection covers writes completed on every other connection */
+  multiConn: boolean;
+  trim: boolean;
+  zero: boolean;
+  fastZero: boolean;
+  fua: boolean;
+  cache: boolean;
+  extents: boolean;
+}
+
+export interface BlockLayer {
+  readonly size: number;
+  readonly caps: Capabilities;
+  read(offset: number, length: number): Promise<Buffer>;
+  write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number, flags?: WriteFlags): Promise<void>;
+  zero(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
+  /** contiguous, ordered extents starting at offset; may cover less than length but at least one byte */
+  extents(offset: number, length: number): Promise<Extent[]>;
+  /** prefetch hint */
+  cache(offset: number, length: number): Promise<void>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,81 @@
+// `snapblock serve`: the pool, the NBD server and the control API in one process.
+import fs from 'node:fs';
+import tls from 'node:tls';
+import type { Logger } from 'pino';
+import { Pool } from './pool/pool.js';
+import { NbdServer } from './nbd/server.js';
+import { ControlServer } from './control/server.js';
+import type { CacheMode } from './block/file-device.js';
+
+export interface ServeOptions {
+  pool: string;
+  listen?: { host: string; port: number };
+  socket?: string;
+  cache: CacheMode;
+  tls?: { cert: string; key: string; ca?: string; required: boolean };
+  log: Logger;
+}
+
+export interface Daemon {
+  pool: Pool;
+  nbd: NbdServer;
+  port?: number;
+  stop(): Promise<void>;
+}
+
+export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
+  const { log } = opts;
+  const pool = Pool.open(opts.pool, { log, cache: opts.cache });
+  const tlsPolicy = opts.tls
+    ? {
+        context: tls.createSecureContext({
+          cert: fs.readFileSync(opts.tls.cert),
+          key: fs.readFileSync(opts.tls.key),
+          ca: opts.tls.ca ? fs.readFileSync(opts.tls.ca) : undefined,
+        }),
+        required: opts.tls.required,
+        verifyClients: opts.tls.ca !== undefined,
+      }
+    : undefined;
+  const nbd = new NbdServer({ exports: pool, log, tls: tlsPolicy });
+  let port: number | undefined;
+  const endpoints: string[] = [];
+  try {
+    if (opts.listen) {
+      port = (await nbd.listenTcp(opts.listen.host, opts.listen.port)).port;
+      endpoints.push(`nbd://${opts.listen.host}:${port}`);
+    }
+    if (opts.socket) {
+      await nbd.listenUnix(opts.socket);
+      endpoints.push(`nbd+unix:///?socket=${opts.socket}`);
+    }
+  } catch (err) {
+    await nbd.close();
+    await pool.close();
+    throw err;
+  }
+  const started = new Date().toISOString();
+  const control = new ControlServer(
+    pool,
+    () => ({ pid: process.pid, started, pool: pool.dir, endpoints, connections: nbd.connectionCount, cache: opts.cache, tls: opts.tls ? (opts.tls.required ? 'required' : 'optional') : 'off' }),
+    log,
+  );
+  await control.listen(pool.controlSocketPath);
+  log.info({ pool: pool.dir, endpoints, control: pool.controlSocketPath, cache: opts.cache }, 'snapblock serving');
+
+  let stopping: Promise<void> | undefined;
+  return {
+    pool,
+    nbd,
+    port,
+    stop: () =>
+      (stopping ??= (async () => {
+        log.info('shutting down: finishing in-flight requests');
+        await nbd.close();
+        await control.close();
+        await pool.close();
+        fs.rmSync(pool.controlSocketPath, { force: true });
+        log.info('stopped cleanly');
+      })()),
+  };
+}

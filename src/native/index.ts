@@ -1,0 +1,81 @@
+// Typed facade over the C++ addon (native/). The addon only does what Node
+// cannot do well; every policy (when to use O_DIRECT, how to split IO) lives in TS.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+export interface Extent {
+  offset: number;
+  length: number;
+  /** true = data (allocated), false = hole */
+  data: boolean;
+}
+
+export interface OpenOptions {
+  /** try O_DIRECT; falls back to buffered IO where the filesystem refuses it (tmpfs) */
+  direct: boolean;
+  readOnly: boolean;
+  /** create the file if missing (mode 0600) */
+  create?: boolean;
+}
+
+export interface OpenedFile {
+  fd: number;
+  /** whether O_DIRECT is actually in effect */
+  direct: boolean;
+}
+
+interface Addon {
+  open(path: string, direct: boolean, readOnly: boolean, create: boolean): OpenedFile;
+  close(fd: number): void;
+  pread(fd: number, buf: Buffer, offset: number): Promise<number>;
+  pwrite(fd: number, buf: Buffer, offset: number, dsync: boolean): Promise<void>;
+  preadv(fd: number, bufs: Buffer[], offset: number): Promise<number>;
+  pwritev(fd: number, bufs: Buffer[], offset: number, dsync: boolean): Promise<void>;
+  preadNowait(fd: number, buf: Buffer, offset: number): number;
+  fdatasync(fd: number): Promise<void>;
+  punchHole(fd: number, offset: number, length: number): Promise<void>;
+  zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  extents(fd: number, offset: number, length: number): Promise<Float64Array>;
+  allocAligned(size: number, alignment: number): Buffer;
+  alignment(fd: number): number;
+}
+
+const require = createRequire(import.meta.url);
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const addon: Addon = require(path.join(root, 'build', 'Release', 'snapblock_native.node'));
+
+export const openFile = (file: string, o: OpenOptions): OpenedFile =>
+  addon.open(file, o.direct, o.readOnly, o.create ?? false);
+export const closeFile = (fd: number): void => addon.close(fd);
+/** Reads up to buf.length bytes at offset off the JS thread; resolves with bytes read (short only at EOF). */
+export const pread = (fd: number, buf: Buffer, offset: number): Promise<number> => addon.pread(fd, buf, offset);
+/** Writes all of buf at offset off the JS thread; dsync = RWF_DSYNC (used for FUA). */
+export const pwrite = (fd: number, buf: Buffer, offset: number, dsync = false): Promise<void> =>
+  addon.pwrite(fd, buf, offset, dsync);
+export const preadv = (fd: number, bufs: Buffer[], offset: number): Promise<number> => addon.preadv(fd, bufs, offset);
+export const pwritev = (fd: number, bufs: Buffer[], offset: number, dsync = false): Promise<void> =>
+  addon.pwritev(fd, bufs, offset, dsync);
+/**
+ * Synchronous preadv2(RWF_NOWAIT): returns bytes read when the range is already in the page
+ * cache, or -1 when it would block (caller then uses pread). Never blocks the event loop on disk.
+ */
+export const preadNowait = (fd: number, buf: Buffer, offset: number): number => addon.preadNowait(fd, buf, offset);
+export const fdatasync = (fd: number): Promise<void> => addon.fdatasync(fd);
+/** fallocate(PUNCH_HOLE|KEEP_SIZE): range reads as zeroes and frees space. */
+export const punchHole = (fd: number, offset: number, length: number): Promise<void> =>
+  addon.punchHole(fd, offset, length);
+/** fallocate(ZERO_RANGE|KEEP_SIZE): range reads as zeroes, stays allocated. Rejects with EOPNOTSUPP where unsupported. */
+export const zeroRange = (fd: number, offset: number, length: number): Promise<void> =>
+  addon.zeroRange(fd, offset, length);
+/** SEEK_DATA/SEEK_HOLE map of [offset, offset+length), clipped to file size, contiguous and in order. */
+export async function extents(fd: number, offset: number, length: number): Promise<Extent[]> {
+  const flat = await addon.extents(fd, offset, length);
+  const out: Extent[] = [];
+  for (let i = 0; i < flat.length; i += 3) out.push({ offset: flat[i], length: flat[i + 1], data: flat[i + 2] === 1 });
+  return out;
+}
+/** A Buffer whose memory is aligned for O_DIRECT (default 4096). */
+export const allocAligned = (size: number, alignment = 4096): Buffer => addon.allocAligned(size, alignment);
+/** The alignment O_DIRECT needs on this fd (logical block size of the device, at least 512). */
+export const directAlignment = (fd: number): number => addon.alignment(fd);

@@ -1,0 +1,109 @@
+// Listeners and connection lifecycle: accept, negotiate, run a Session, release.
+import net from 'node:net';
+import fs from 'node:fs';
+import type { Logger } from 'pino';
+import { negotiate, HangUp, type TlsPolicy } from './handshake.js';
+import { Session } from './session.js';
+import type { ExportProvider } from './exports.js';
+
+export interface NbdServerOptions {
+  exports: ExportProvider;
+  log: Logger;
+  tls?: TlsPolicy;
+  /** largest READ/WRITE payload accepted (advertised as the maximum block size) */
+  maxPayload?: number;
+  /** per-connection budget of request payloads and unsent replies before reading pauses */
+  maxInflightBytes?: number;
+  /** a client that has not finished negotiating by then is dropped */
+  handshakeTimeoutMs?: number;
+}
+
+export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
+
+export class NbdServer {
+  private readonly listeners: net.Server[] = [];
+  private readonly sessions = new Set<Session>();
+  private readonly handshaking = new Set<net.Socket>();
+  private shuttingDown = false;
+  private readonly maxPayload: number;
+
+  constructor(private readonly opts: NbdServerOptions) {
+    this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+  }
+
+  get connectionCount(): number {
+    return this.sessions.size + this.handshaking.size;
+  }
+
+  listenTcp(host: string, port: number): Promise<net.AddressInfo> {
+    return this.listen({ host, port }).then((s) => s.address() as net.AddressInfo);
+  }
+
+  async listenUnix(path: string): Promise<void> {
+    fs.rmSync(path, { force: true });
+    await this.listen({ path });
+  }
+
+  private listen(where: net.ListenOptions): Promise<net.Server> {
+    const server = net.createServer({ noDelay: true, pauseOnConnect: false }, (s) => this.accept(s));
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(where, () => {
+        server.off('error', reject);
+        server.on('error', (err) => this.opts.log.error({ err }, 'NBD listener error'));
+        this.listeners.push(server);
+        resolve(server);
+      });
+    });
+  }
+
+  private async accept(socket: net.Socket): Promise<void> {
+    const log = this.opts.log.child({ remote: socket.remoteAddress ?? 'unix', port: socket.remotePort });
+    if (this.shuttingDown) return void socket.destroy();
+    socket.setNoDelay(true);
+    socket.setKeepAlive(true, 30_000);
+    this.handshaking.add(socket);
+    const timer = setTimeout(() => {
+      log.warn('dropping client that did not finish negotiation in time');
+      socket.destroy();
+    }, this.opts.handshakeTimeoutMs ?? 30_000);
+    socket.on('error', () => {});
+    try {
+      const neg = await negotiate(socket, {
+        exports: this.opts.exports,
+        tls: this.opts.tls,
+        maxPayload: this.maxPayload,
+        preferredBlockSize: 4096,
+        isShuttingDown: () => this.shuttingDown,
+        log,
+      });
+      clearTimeout(timer);
+      this.handshaking.delete(socket);
+      log.info({ export: neg.opened.name, structured: neg.structured, tls: neg.tls }, 'NBD client connected');
+      const session = new Session(neg, {
+        maxPayload: this.maxPayload,
+        maxInflightBytes: this.opts.maxInflightBytes ?? 64 * 1024 * 1024,
+        log: log.child({ export: neg.opened.name }),
+      });
+      this.sessions.add(session);
+      await session.done;
+      this.sessions.delete(session);
+      await neg.opened.release();
+      log.info({ export: neg.opened.name }, 'NBD client disconnected');
+    } catch (err) {
+      clearTimeout(timer);
+      this.handshaking.delete(socket);
+      if (err instanceof HangUp) log.info({ reason: err.message }, 'NBD negotiation ended');
+      else log.error({ err }, 'NBD negotiation failed');
+      socket.destroy();
+    }
+  }
+
+  /** Stop accepting, let in-flight requests finish, close every connection. */
+  async close(): Promise<void> {
+    this.shuttingDown = true;
+    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    for (const s of this.handshaking) s.destroy();
+    await Promise.all([...this.sessions].map((s) => s.stop()));
+  }
+}

@@ -1,0 +1,430 @@
+// Transmission phase of one connection: decode requests as bytes arrive, hand each
+// to the export's block layer at once (many in flight, replies in completion order),
+// and encode replies. Memory per connection is bounded: past maxInflightBytes of
+// payloads and pending replies we stop reading the socket until work completes.
+import type net from 'node:net';
+import type { Logger } from 'pino';
+import type { BlockLayer } from '../block/layer.js';
+import type { Negotiated } from './handshake.js';
+import type { MetaContextSource } from './exports.js';
+import { ByteQueue } from './byte-queue.js';
+import { AllocationFlag, BASE_ALLOCATION, Cmd, CmdFlag, NbdErr, REQUEST_MAGIC, ReplyFlag, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC } from './constants.js';
+import { nbdErrno } from './errors.js';
+
+export interface SessionConfig {
+  maxPayload: number;
+  maxInflightBytes: number;
+  log: Logger;
+}
+
+const HEADER = 28;
+/** reads at least this long are checked for holes and answered with OFFSET_HOLE chunks */
+const SPARSE_READ_MIN = 64 * 1024;
+const MAX_DESCRIPTORS = 64 * 1024;
+
+const ALLOWED_FLAGS: Record<number, number> = {
+  [Cmd.READ]: CmdFlag.FUA | CmdFlag.DF,
+  [Cmd.WRITE]: CmdFlag.FUA,
+  [Cmd.DISC]: 0,
+  [Cmd.FLUSH]: CmdFlag.FUA,
+  [Cmd.TRIM]: CmdFlag.FUA,
+  [Cmd.CACHE]: CmdFlag.FUA,
+  [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+  [Cmd.BLOCK_STATUS]: CmdFlag.FUA | CmdFlag.REQ_ONE,
+};
+
+interface Request {
+  flags: number;
+  type: number;
+  cookieHi: number;
+  cookieLo: number;
+  offset: number;
+  length: number;
+}
+
+class ProtocolViolation extends Error {}
+
+export class Session {
+  private readonly socket: net.Socket;
+  private readonly layer: BlockLayer;
+  private readonly queue: ByteQueue;
+  private readonly contexts: Array<{ id: number; source: MetaContextSource }> = [];
+  private pending?: Request; // header parsed, payload not yet complete
+  private drainLeft = 0; // bytes of a rejected payload still to discard
+  private inflight = 0;
+  private inflightBytes = 0;
+  private throttled = false;
+  private stopping = false;
+  private corked = false;
+  private closed = false;
+  private idleWaiters: Array<() => void> = [];
+  readonly done: Promise<void>;
+
+  constructor(
+    private readonly neg: Negotiated,
+    private readonly cfg: SessionConfig,
+  ) {
+    this.socket = neg.socket;
+    this.layer = neg.opened.layer;
+    this.queue = neg.leftover;
+    for (const [id, name] of neg.metaContexts) {
+      const source = name === BASE_ALLOCATION ? this.allocationContext() : neg.opened.metaContexts?.find((m) => m.name === name);
+      if (source) this.contexts.push({ id, source });
+    }
+    this.done = new Promise((resolve) => {
+      this.socket.once('close', () => {
+        this.closed = true;
+        resolve();
+      });
+    });
+    this.socket.on('error', (err) => cfg.log.debug({ err: err.message }, 'nbd socket error'));
+    this.socket.on('data', (chunk: Buffer) => {
+      this.queue.push(chunk);
+      this.pump();
+    });
+    this.socket.on('end', () => this.stop());
+    this.socket.resume();
+    this.pump();
+  }
+
+  /** Stop reading requests, finish the ones in flight, then close. */
+  async stop(): Promise<void> {
+    if (!this.stopping) {
+      this.stopping = true;
+      this.socket.pause();
+      await this.idle();
+      if (!this.closed) {
+        this.socket.end();
+        // A client that never reads its replies must not hold shutdown hostage.
+        setTimeout(() => this.socket.destroy(), 5000).unref();
+      }
+    }
+    await this.done;
+  }
+
+  private idle(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  private pump(): void {
+    try {
+      while (!this.stopping && !this.throttled) {
+        if (this.socket.writableLength > this.cfg.maxInflightBytes) {
+          // The client is not reading its replies: stop taking requests until it does.
+          this.throttled = true;
+          this.socket.pause();
+          this.socket.once('drain', () => this.unthrottle());
+          return;
+        }
+        if (this.drainLeft > 0) {
+          this.drainLeft -= this.queue.skip(this.drainLeft);
+          if (this.drainLeft > 0) return;
+          continue;
+        }
+        if (this.pending) {
+          const req = this.pending;
+          if (this.queue.length < req.length) return;
+          this.pending = undefined;
+          this.dispatch(req, this.queue.take(req.length));
+          continue;
+        }
+        if (this.queue.length < HEADER) return;
+        const h = this.queue.take(HEADER);
+        if (h.readUInt32BE(0) !== REQUEST_MAGIC) throw new ProtocolViolation(`bad request magic 0x${h.readUInt32BE(0).toString(16)}`);
+        const req: Request = {
+          flags: h.readUInt16BE(4),
+          type: h.readUInt16BE(6),
+          cookieHi: h.readUInt32BE(8),
+          cookieLo: h.readUInt32BE(12),
+          offset: h.readUInt32BE(16) * 0x100000000 + h.readUInt32BE(20),
+          length: h.readUInt32BE(24),
+        };
+        if (req.type === Cmd.WRITE) {
+          const problem = this.rejectWrite(req);
+          if (problem) {
+            // The payload is on the wire whatever we think of it: discard it to stay in sync.
+            this.drainLeft = req.length;
+            this.replySimple(req, problem);
+            continue;
+          }
+          this.pending = req;
+          continue;
+        }
+        if (req.type === Cmd.DISC) {
+          void this.stop();
+          return;
+        }
+        this.dispatch(req, undefined);
+      }
+    } catch (err) {
+      this.cfg.log.warn({ err: (err as Error).message, remote: this.socket.remoteAddress }, 'closing NBD connection on protocol violation');
+      this.socket.destroy();
+    }
+  }
+
+  private rejectWrite(req: Request): number {
+    if (req.flags & ~ALLOWED_FLAGS[Cmd.WRITE]) return NbdErr.EINVAL;
+    if (req.length > this.cfg.maxPayload) return NbdErr.EINVAL;
+    if (this.layer.caps.readOnly) return NbdErr.EPERM;
+    if (req.offset + req.length > this.layer.size) return NbdErr.ENOSPC;
+    return 0;
+  }
+
+  /** Validate a non-WRITE request; returns an NBD errno or 0. */
+  private validate(req: Request): number {
+    const allowed = ALLOWED_FLAGS[req.type];
+    if (allowed === undefined) return NbdErr.EINVAL;
+    if (req.flags & ~allowed) return NbdErr.EINVAL;
+    const size = this.layer.size;
+    const caps = this.layer.caps;
+    switch (req.type) {
+      case Cmd.READ:
+        if (req.flags & CmdFlag.DF && !this.neg.structured) return NbdErr.EINVAL;
+        if (req.length > this.cfg.maxPayload) return req.flags & CmdFlag.DF ? NbdErr.EOVERFLOW : NbdErr.EINVAL;
+        return req.offset + req.length > size ? NbdErr.EINVAL : 0;
+      case Cmd.FLUSH:
+        return 0;
+      case Cmd.TRIM:
+        if (caps.readOnly) return NbdErr.EPERM;
+        return req.offset + req.length > size ? NbdErr.EINVAL : 0;
+      case Cmd.WRITE_ZEROES:
+        if (caps.readOnly) return NbdErr.EPERM;
+        if (req.flags & CmdFlag.FAST_ZERO && !caps.fastZero) return NbdErr.ENOTSUP;
+        return req.offset + req.length > size ? NbdErr.ENOSPC : 0;
+      case Cmd.CACHE:
+        return req.offset + req.length > size ? NbdErr.EINVAL : 0;
+      case Cmd.BLOCK_STATUS:
+        if (this.contexts.length === 0) return NbdErr.EINVAL;
+        if (req.length === 0) return NbdErr.EINVAL;
+        return req.offset + req.length > size ? NbdErr.EINVAL : 0;
+      default:
+        return NbdErr.EINVAL;
+    }
+  }
+
+  private dispatch(req: Request, payload: Buffer | undefined): void {
+    const err = payload ? 0 : this.validate(req);
+    if (err) {
+      if (req.type === Cmd.READ && this.neg.structured) this.replyError(req, err, 'invalid request');
+      else this.replySimple(req, err);
+      return;
+    }
+    const bytes = req.type === Cmd.READ ? req.length : (payload?.length ?? 0);
+    this.begin(bytes);
+    this.execute(req, payload).then(
+      () => this.end(bytes),
+      (e: unknown) => {
+        this.cfg.log.warn({ err: (e as Error).message, type: req.type, offset: req.offset, length: req.length }, 'NBD request failed');
+        if (this.neg.structured && (req.type === Cmd.READ || req.type === Cmd.BLOCK_STATUS)) this.replyError(req, nbdErrno(e), (e as Error).message);
+        else this.replySimple(req, nbdErrno(e));
+        this.end(bytes);
+      },
+    );
+  }
+
+  private async execute(req: Request, payload: Buffer | undefined): Promise<void> {
+    const fua = (req.flags & CmdFlag.FUA) !== 0 && !this.layer.caps.readOnly;
+    const L = this.layer;
+    switch (req.type) {
+      case Cmd.READ:
+        return this.read(req);
+      case Cmd.WRITE:
+        await L.write(req.offset, payload!, { fua });
+        return this.replySimple(req, 0);
+      case Cmd.FLUSH:
+        await L.flush();
+        return this.replySimple(req, 0);
+      case Cmd.TRIM:
+        if (req.length) await L.trim(req.offset, req.length, { fua });
+        else if (fua) await L.flush();
+        return this.replySimple(req, 0);
+      case Cmd.WRITE_ZEROES:
+        if (req.length) {
+          await L.zero(req.offset, req.length, {
+            fua,
+            mayTrim: (req.flags & CmdFlag.NO_HOLE) === 0,
+            fast: (req.flags & CmdFlag.FAST_ZERO) !== 0,
+          });
+        } else if (fua) await L.flush();
+        return this.replySimple(req, 0);
+      case Cmd.CACHE:
+        if (req.length) await L.cache(req.offset, req.length);
+        return this.replySimple(req, 0);
+      case Cmd.BLOCK_STATUS:
+        return this.blockStatus(req);
+    }
+  }
+
+  private async read(req: Request): Promise<void> {
+    const L = this.layer;
+    if (!this.neg.structured) {
+      const data = req.length ? await L.read(req.offset, req.length) : Buffer.alloc(0);
+      const h = Buffer.allocUnsafe(16);
+      h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+      h.writeUInt32BE(0, 4);
+      h.writeUInt32BE(req.cookieHi, 8);
+      h.writeUInt32BE(req.cookieLo, 12);
+      return this.send(h, data);
+    }
+    if (req.length === 0) return this.sendChunk(req, ReplyFlag.DONE, ReplyType.NONE, 0);
+    const sparse = req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.DF) && L.caps.extents;
+    if (!sparse) return this.sendData(req, req.offset, await L.read(req.offset, req.length), ReplyFlag.DONE);
+
+    // Only allocated ranges are read and sent; holes travel as 12-byte OFFSET_HOLE chunks.
+    const end = req.offset + req.length;
+    const chunks: Array<{ offset: number; length: number; hole: boolean }> = [];
+    for (let at = req.offset; at < end; ) {
+      const ex = await L.extents(at, end - at);
+      if (!ex.length) throw new Error('block layer returned no extents');
+      for (const e of ex) {
+        const len = Math.min(e.length, end - e.offset);
+        const last = chunks[chunks.length - 1];
+        if (last && last.hole === e.zero) last.length += len;
+        else chunks.push({ offset: e.offset, length: len, hole: e.zero });
+        at = e.offset + len;
+        if (at >= end) break;
+      }
+    }
+    const reads = chunks.map((c) => (c.hole ? undefined : L.read(c.offset, c.length)));
+    for (let i = 0; i < chunks.length; i++) {
+      const c = chunks[i];
+      const flags = i === chunks.length - 1 ? ReplyFlag.DONE : 0;
+      if (c.hole) {
+        const p = Buffer.allocUnsafe(12);
+        writeU64(p, 0, c.offset);
+        p.writeUInt32BE(c.length, 8);
+        this.sendChunk(req, flags, ReplyType.OFFSET_HOLE, 12, p);
+      } else {
+        this.sendData(req, c.offset, await reads[i]!, flags);
+      }
+    }
+  }
+
+  private async blockStatus(req: Request): Promise<void> {
+    const results = await Promise.all(this.contexts.map((c) => c.source.descriptors(req.offset, req.length)));
+    results.forEach((descs, i) => {
+      let list = descs;
+      if (req.flags & CmdFlag.REQ_ONE) list = list.slice(0, 1);
+      else if (list.length > MAX_DESCRIPTORS) list = list.slice(0, MAX_DESCRIPTORS);
+      const p = Buffer.allocUnsafe(4 + list.length * 8);
+      p.writeUInt32BE(this.contexts[i].id, 0);
+      let total = 0;
+      list.forEach((d, j) => {
+        const len = Math.min(d.length, req.length - total);
+        p.writeUInt32BE(len, 4 + j * 8);
+        p.writeUInt32BE(d.flags >>> 0, 8 + j * 8);
+        total += len;
+      });
+      this.sendChunk(req, i === results.length - 1 ? ReplyFlag.DONE : 0, ReplyType.BLOCK_STATUS, p.length, p);
+    });
+  }
+
+  private allocationContext(): MetaContextSource {
+    return {
+      name: BASE_ALLOCATION,
+      descriptors: async (offset, length) => {
+        const ex = await this.layer.extents(offset, length);
+        const out: Array<{ length: number; flags: number }> = [];
+        for (const e of ex) {
+          const flags = (e.hole ? AllocationFlag.HOLE : 0) | (e.zero ? AllocationFlag.ZERO : 0);
+          const last = out[out.length - 1];
+          if (last && last.flags === flags) last.length += e.length;
+          else out.push({ length: e.length, flags });
+        }
+        return out;
+      },
+    };
+  }
+
+  // ---- reply encoding ----
+
+  private replySimple(req: Request, error: number): void {
+    const h = Buffer.allocUnsafe(16);
+    h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+    h.writeUInt32BE(error, 4);
+    h.writeUInt32BE(req.cookieHi, 8);
+    h.writeUInt32BE(req.cookieLo, 12);
+    this.send(h);
+  }
+
+  private replyError(req: Request, error: number, message: string): void {
+    const msg = Buffer.from(message.slice(0, 1024));
+    const p = Buffer.allocUnsafe(6 + msg.length);
+    p.writeUInt32BE(error, 0);
+    p.writeUInt16BE(msg.length, 4);
+    msg.copy(p, 6);
+    this.sendChunk(req, ReplyFlag.DONE, ReplyType.ERROR, p.length, p);
+  }
+
+  private sendData(req: Request, offset: number, data: Buffer, flags: number): void {
+    const h = chunkHeader(req, flags, ReplyType.OFFSET_DATA, 8 + data.length, 8);
+    writeU64(h, 20, offset);
+    this.send(h, data);
+  }
+
+  private sendChunk(req: Request, flags: number, type: number, length: number, payload?: Buffer): void {
+    this.send(chunkHeader(req, flags, type, length, 0), payload);
+  }
+
+  private send(head: Buffer, body?: Buffer): void {
+    if (this.closed) return;
+    // Cork until the end of this tick so replies completed together leave in one writev.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    this.socket.write(head);
+    if (body && body.length) this.socket.write(body);
+  }
+
+  // ---- back-pressure ----
+
+  private begin(bytes: number): void {
+    this.inflight++;
+    this.inflightBytes += bytes;
+    if (!this.throttled && this.inflightBytes > this.cfg.maxInflightBytes) {
+      this.throttled = true;
+      this.socket.pause();
+    }
+  }
+
+  private end(bytes: number): void {
+    this.inflight--;
+    this.inflightBytes -= bytes;
+    if (this.inflight === 0) for (const w of this.idleWaiters.splice(0)) w();
+    if (this.throttled && this.inflightBytes <= this.cfg.maxInflightBytes / 2) {
+      if (this.socket.writableLength > this.cfg.maxInflightBytes) {
+        this.socket.once('drain', () => this.unthrottle());
+      } else this.unthrottle();
+    }
+  }
+
+  private unthrottle(): void {
+    if (!this.throttled) return;
+    this.throttled = false;
+    if (this.stopping) return;
+    this.socket.resume();
+    this.pump();
+  }
+}
+
+function chunkHeader(req: Request, flags: number, type: number, length: number, extra: number): Buffer {
+  const h = Buffer.allocUnsafe(20 + extra);
+  h.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
+  h.writeUInt16BE(flags, 4);
+  h.writeUInt16BE(type, 6);
+  h.writeUInt32BE(req.cookieHi, 8);
+  h.writeUInt32BE(req.cookieLo, 12);
+  h.writeUInt32BE(length, 16);
+  return h;
+}
+
+function writeU64(b: Buffer, pos: number, v: number): void {
+  b.writeUInt32BE(Math.floor(v / 0x100000000), pos);
+  b.writeUInt32BE(v >>> 0, pos + 4);
+}

@@ -1,0 +1,109 @@
+// Start a real `snapblock serve` (the built CLI, as a user runs it) on a temp pool.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export const ROOT = path.resolve(import.meta.dirname, '..', '..');
+export const CLI = path.join(ROOT, 'bin', 'snapblock.js');
+
+export function tempDir(prefix: string): string {
+  const base = path.join(ROOT, '.cache', 'test-tmp');
+  fs.mkdirSync(base, { recursive: true });
+  return fs.mkdtempSync(path.join(base, prefix));
+}
+
+export interface CliResult {
+  status: number;
+  stdout: string;
+  stderr: string;
+}
+
+export function cli(pool: string, args: string[]): CliResult {
+  const r = spawnSync(process.execPath, [CLI, '--pool', pool, ...args], { encoding: 'utf8', env: { ...process.env, SNAPBLOCK_LOG_LEVEL: 'warn' } });
+  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+export interface RunningServer {
+  pool: string;
+  port: number;
+  socket: string;
+  proc: ChildProcess;
+  uri(name: string): string;
+  cli(args: string[]): CliResult;
+  /** SIGTERM and wait; resolves with the exit code */
+  stop(): Promise<number | null>;
+  kill9(): Promise<void>;
+  logs(): string;
+}
+
+export async function startServer(opts: { pool?: string; args?: string[]; volumes?: Record<string, string> } = {}): Promise<RunningServer> {
+  const pool = opts.pool ?? tempDir('pool-');
+  for (const [name, size] of Object.entries(opts.volumes ?? {})) {
+    const r = cli(pool, ['volume', 'create', name, size]);
+    if (r.status !== 0) throw new Error(`volume create failed: ${r.stderr}`);
+  }
+  const socket = path.join(pool, 'nbd.sock');
+  const proc = spawn(process.execPath, [CLI, '--pool', pool, 'serve', '--listen', '127.0.0.1:0', '--socket', socket, ...(opts.args ?? [])], {
+    env: { ...process.env, SNAPBLOCK_LOG_LEVEL: 'info' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let log = '';
+  proc.stdout!.on('data', (c) => (log += c));
+  const port = await new Promise<number>((resolve, reject) => {
+    const onData = (c: Buffer) => {
+      log += c;
+      for (const line of log.split('\n')) {
+        if (!line.includes('snapblock serving')) continue;
+        const m = /nbd:\/\/[^:]+:(\d+)/.exec(line);
+        if (m) {
+          proc.stderr!.off('data', onData);
+          proc.stderr!.on('data', (d) => (log += d));
+          return resolve(Number(m[1]));
+        }
+      }
+    };
+    proc.stderr!.on('data', onData);
+    proc.once('exit', (code) => reject(new Error(`snapblock serve exited with ${code}:\n${log}`)));
+    setTimeout(() => reject(new Error(`snapblock serve did not start:\n${log}`)), 20_000);
+  });
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  return {
+    pool,
+    port,
+    socket,
+    proc,
+    uri: (name) => `nbd://127.0.0.1:${port}/${name}`,
+    cli: (args) => cli(pool, args),
+    stop: async () => {
+      if (proc.exitCode === null) proc.kill('SIGTERM');
+      return exited;
+    },
+    kill9: async () => {
+      proc.kill('SIGKILL');
+      await exited;
+    },
+    logs: () => log,
+  };
+}
+
+/** Run a real client tool; Debian's python3 first on PATH so nbdsh finds the nbd module. */
+export function run(cmd: string, args: string[], input?: string): CliResult {
+  const r = spawnSync(cmd, args, {
+    encoding: 'utf8',
+    input,
+    env: { ...process.env, PATH: `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH}` },
+    maxBuffer: 256 * 1024 * 1024,
+    timeout: 300_000,
+  });
+  return { status: r.status ?? -1, stdout: r.stdout ?? '', stderr: (r.stderr ?? '') + (r.error ? String(r.error) : '') };
+}
+
+/** Run an nbdsh script (Python, with `h` connected to uri) and return stdout; throws with stderr on failure. */
+export function nbdsh(uri: string, script: string): string {
+  const r = run('nbdsh', ['-u', uri, '-c', script]);
+  if (r.status !== 0) throw new Error(`nbdsh failed (${r.status}):\n${r.stderr}\n${r.stdout}`);
+  return r.stdout;
+}
+
+export const osTmp = os.tmpdir();
