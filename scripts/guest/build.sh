@@ -91,10 +91,28 @@ t0=$(date +%s)
 work=$(mktemp -d "$cache/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
+# Find the compressed payload inside a bzImage and unpack it to an ELF file
+# (what the kernel's scripts/extract-vmlinux does).
+extract_vmlinux() { # bzImage out
+  local magic cmd off
+  for magic in 'xz:\xfd7zXZ\x00' 'zstd:\x28\xb5\x2f\xfd' 'gzip:\x1f\x8b\x08'; do
+    cmd=${magic%%:*}
+    command -v "$cmd" >/dev/null 2>&1 || continue
+    for off in $(LC_ALL=C grep -aboP "${magic#*:}" "$1" | cut -d: -f1 | head -n 3); do
+      tail -c +$((off + 1)) "$1" | "$cmd" -dc >"$2" 2>/dev/null || true
+      [ "$(head -c 4 "$2" 2>/dev/null)" = $'\x7fELF' ] && return 0
+    done
+  done
+  rm -f "$2"
+  return 1
+}
+
 # --- kernel ------------------------------------------------------------------
 # Cached on its own (kernel-<pkg>-<version>-<modules hash>/) so that editing
 # init.sh or this script does not re-download and re-extract 70 MB.
-kdir="$cache/kernel-$kpkg-$kver_pkg-$(printf '%s\n' "${MODULES[@]}" | sha256sum | cut -c1-8)"
+# (bump kformat when the layout of this directory changes)
+kformat=2
+kdir="$cache/kernel-$kpkg-$kver_pkg-$(printf '%s\n' "$kformat" "${MODULES[@]}" | sha256sum | cut -c1-8)"
 if [ ! -e "$kdir/order" ]; then
   kwork="$work/kernel"
   mkdir -p "$kwork/out/modules"
@@ -108,6 +126,13 @@ if [ ! -e "$kdir/order" ]; then
   kver=$(ls "$kwork/k/lib/modules")
   [ -f "$kwork/k/boot/vmlinuz-$kver" ] || die "no vmlinuz-$kver in $kpkg"
   cp "$kwork/k/boot/vmlinuz-$kver" "$kwork/out/vmlinuz"
+  # Under TCG, decompressing the xz bzImage costs ~3 s per boot. QEMU can
+  # boot the uncompressed ELF vmlinux directly (PVH entry) if the kernel has
+  # CONFIG_PVH, so unpack it once here; run.sh prefers vmlinux when present.
+  if grep -q '^CONFIG_PVH=y' "$kwork/k/boot/config-$kver"; then
+    extract_vmlinux "$kwork/out/vmlinuz" "$kwork/out/vmlinux" ||
+      log "note: could not extract vmlinux; guests boot the (slower) bzImage"
+  fi
   echo "$kver" >"$kwork/out/release"
   depmod -b "$kwork/k" "$kver" # the .deb ships no modules.dep
   # Modules in dependency order, de-duplicated; decompressed so busybox insmod
@@ -165,7 +190,11 @@ mk_cpio() { # dir -> newc archive on stdout
 }
 
 mkdir -p "$work/out"
-cp "$kdir/vmlinuz" "$work/out/vmlinuz"
+# Hard links (same filesystem): the kernel files are large and never modified.
+ln "$kdir/vmlinuz" "$work/out/vmlinuz" 2>/dev/null || cp "$kdir/vmlinuz" "$work/out/vmlinuz"
+if [ -f "$kdir/vmlinux" ]; then
+  ln "$kdir/vmlinux" "$work/out/vmlinux" 2>/dev/null || cp "$kdir/vmlinux" "$work/out/vmlinux"
+fi
 mk_cpio "$root" | gzip -1 >"$work/out/initrd.cpio.gz"
 
 # --- optional fio add-on -----------------------------------------------------
@@ -182,6 +211,7 @@ fi
   echo "key=$key"
   echo "kernel_package=$kpkg $kver_pkg"
   echo "kernel=$kver"
+  echo "boot: $([ -f "$work/out/vmlinux" ] && echo "vmlinux (PVH, uncompressed)" || echo "vmlinuz (bzImage)")"
   echo "$fio_note"
   echo "host_packages:"; dpkg-query -W "${HOST_PKGS[@]}" 2>/dev/null | sed 's/^/  /' || true
   echo "modules:"; sed 's/^/  /' "$kdir/order"

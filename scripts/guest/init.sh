@@ -37,7 +37,8 @@ FIO_IODEPTH=16
 
 NBD=/dev/nbd0
 
-log() { echo "snapblock-guest: $*"; }
+# Prefix with guest uptime so slow steps stand out in the console log.
+log() { echo "snapblock-guest [$(cut -d" " -f1 /proc/uptime)]: $*"; }
 
 # Print the result line once and power off. Everything ends here.
 finish() {

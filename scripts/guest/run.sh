@@ -107,13 +107,17 @@ pad512() { local n; n=$(stat -c %s "$1"); head -c $(((512 - n % 512) % 512)) /de
   cat "$tmp/settings.cpio"
 } >"$tmp/initrd"
 
+# The uncompressed vmlinux boots ~3 s faster under TCG (no xz unpacking).
+kernel=$guest/vmlinuz
+[ -f "$guest/vmlinux" ] && kernel=$guest/vmlinux
+
 # nodelay: the guest's NBD requests are small; don't let Nagle delay them.
 # (",," is QEMU's escape for a literal comma inside -netdev.)
 fwd="guestfwd=tcp:10.0.2.100:10809-cmd:socat STDIO TCP:$host:$port,,nodelay"
 qemu=(
   qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m "$mem"
   -nodefaults -display none -no-reboot
-  -kernel "$guest/vmlinuz" -initrd "$tmp/initrd"
+  -kernel "$kernel" -initrd "$tmp/initrd"
   -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off"
   -serial stdio
   -netdev "user,id=n0,restrict=on,$fwd" -device virtio-net-pci,netdev=n0

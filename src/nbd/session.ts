@@ -51,6 +51,7 @@ export class Session {
   private readonly contexts: Array<{ id: number; source: MetaContextSource }> = [];
   private pending?: Request; // header parsed, payload not yet complete
   private drainLeft = 0; // bytes of a rejected payload still to discard
+  private drained?: () => void; // the rejection reply, sent once the payload is gone
   private inflight = 0;
   private inflightBytes = 0;
   private throttled = false;
@@ -120,6 +121,9 @@ export class Session {
         if (this.drainLeft > 0) {
           this.drainLeft -= this.queue.skip(this.drainLeft);
           if (this.drainLeft > 0) return;
+          // Clients expect no reply before they finished sending the request.
+          this.drained?.();
+          this.drained = undefined;
           continue;
         }
         if (this.pending) {
@@ -144,8 +148,11 @@ export class Session {
           const problem = this.rejectWrite(req);
           if (problem) {
             // The payload is on the wire whatever we think of it: discard it to stay in sync.
-            this.drainLeft = req.length;
-            this.replySimple(req, problem);
+            if (req.length === 0) this.replySimple(req, problem);
+            else {
+              this.drainLeft = req.length;
+              this.drained = () => this.replySimple(req, problem);
+            }
             continue;
           }
           this.pending = req;

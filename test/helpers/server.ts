@@ -100,8 +100,8 @@ export function run(cmd: string, args: string[], input?: string): CliResult {
 }
 
 /** Run an nbdsh script (Python, with `h` connected to uri) and return stdout; throws with stderr on failure. */
-export function nbdsh(uri: string, script: string): string {
-  const r = run('nbdsh', ['-u', uri, '-c', script]);
+export function nbdsh(uri: string | undefined, script: string): string {
+  const r = run('nbdsh', uri ? ['-u', uri, '-c', script] : ['-c', script]);
   if (r.status !== 0) throw new Error(`nbdsh failed (${r.status}):\n${r.stderr}\n${r.stdout}`);
   return r.stdout;
 }
