@@ -69,7 +69,7 @@ for t in qemu-system-x86_64 socat timeout cpio; do
 done
 
 guest=$("$here/build.sh")
-if [ "$scenario" = fio ] && [ ! -f "$guest/fio.cpio" ]; then
+if [ "$scenario" = fio ] && [ ! -f "$guest/fio.img" ]; then
   die "the guest was built without fio (install fio on the host and rebuild)"
 fi
 
@@ -103,7 +103,6 @@ mkdir -p "$tmp/settings/snapblock"
 pad512() { local n; n=$(stat -c %s "$1"); head -c $(((512 - n % 512) % 512)) /dev/zero; }
 {
   cat "$guest/initrd.cpio.gz"; pad512 "$guest/initrd.cpio.gz"
-  if [ "$scenario" = fio ]; then cat "$guest/fio.cpio"; pad512 "$guest/fio.cpio"; fi
   cat "$tmp/settings.cpio"
 } >"$tmp/initrd"
 
@@ -122,6 +121,9 @@ qemu=(
   -serial stdio
   -netdev "user,id=n0,restrict=on,$fwd" -device virtio-net-pci,netdev=n0
 )
+if [ "$scenario" = fio ]; then
+  qemu+=(-drive "file=$guest/fio.img,format=raw,if=virtio,readonly=on")
+fi
 
 echo "guest/run: scenario=$scenario server=$host:$port export='$export_name' conns=$conns log=$log" >&2
 t0=$(date +%s.%N)

@@ -109,9 +109,15 @@ export async function main(args: string[]): Promise<void> {
           .option('tls-ca', { type: 'string', describe: 'CA (PEM) that client certificates must chain to' })
           .option('tls', { choices: ['optional', 'require'] as const, default: 'optional' as const, describe: 'require: refuse clients that do not start TLS' })
           .check((a) => {
-            if (Boolean(a['tls-cert']) !== Boolean(a['tls-key'])) throw new Error('--tls-cert and --tls-key go together');
-            if (a.tls === 'require' && !a['tls-cert']) throw new Error('--tls require needs --tls-cert and --tls-key');
-            if (a.listen !== 'none') parseListen(a.listen);
+            if (Boolean(a['tls-cert']) !== Boolean(a['tls-key'])) return '--tls-cert and --tls-key go together';
+            if (a.tls === 'require' && !a['tls-cert']) return '--tls require needs --tls-cert and --tls-key';
+            if (a.listen !== 'none') {
+              try {
+                parseListen(a.listen);
+              } catch (err) {
+                return (err as Error).message;
+              }
+            }
             return true;
           }),
       async (a) => {
@@ -160,11 +166,12 @@ export async function main(args: string[]): Promise<void> {
     .alias('h', 'help')
     .version()
     .fail((msg, err) => {
-      if (err) {
+      // A thrown Error is a failed operation (exit 1); anything else is a malformed command (exit 2).
+      if (err instanceof Error && err.name !== 'YError') {
         process.stderr.write(`snapblock: ${err.message}\n`);
         process.exit(1);
       }
-      process.stderr.write(`snapblock: ${msg}\nRun with --help for usage.\n`);
+      process.stderr.write(`snapblock: ${msg ?? String(err)}\nRun with --help for usage.\n`);
       process.exit(2);
     })
     .parseAsync();

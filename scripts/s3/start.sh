@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# Start (or reuse) a single-node Ceph cluster with a RADOS Gateway on loopback:
+# the real S3 endpoint snapblock's backup tests and benchmarks run against.
+#
+#   scripts/s3/start.sh DATA_DIR
+#
+# All state lives under DATA_DIR (config, mon store, a sparse bluestore file,
+# logs, pid files). Daemons: ceph-mon (mon.a), ceph-osd (osd.0, bluestore on a
+# file), radosgw (client.rgw.a); no mgr (data paths work without it). Each runs
+# in the foreground (-f) in its own session, backgrounded here, its exact PID in
+# DATA_DIR/run/<name>.pid.
+#
+# On success DATA_DIR/env holds `export` lines:
+#   S3_ENDPOINT S3_REGION AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+#   CEPH_CONF (so `rbd`/`ceph`/`rados` reach this cluster) S3_RBD_POOL S3_SERVER
+# and the same lines are printed on stdout (progress goes to stderr).
+#
+# Idempotent: with everything running it only rewrites DATA_DIR/env; with an
+# existing but stopped cluster it restarts the missing daemons (a few seconds);
+# with an empty DATA_DIR it bootstraps (about 10 s once packages are present).
+#
+# Settings (environment):
+#   S3_MON_PORT, S3_RGW_PORT  ports (default: free ones picked at bootstrap and
+#                             then kept in DATA_DIR/ports for later restarts)
+#   S3_ACCESS_KEY, S3_SECRET_KEY, S3_REGION   credentials written to env
+#   S3_OSD_SIZE               bluestore file size, sparse (default 32G)
+#   S3_OSD_MEMORY             osd_memory_target in bytes (default 1 GiB)
+#   S3_RBD_POOL               pool for `rbd` images, "" to skip (default rbd)
+#   S3_TIMEOUT                seconds to wait for each daemon (default 60)
+#   S3_LEASE, S3_LEASE_PID    record a lease DATA_DIR/leases/$S3_LEASE held by
+#                             process S3_LEASE_PID (see stop.sh --release)
+#
+# Pitfalls handled here are numbered after /work/shared/notes/s3.md.
+set -euo pipefail
+
+PKGS=(ceph-mon ceph-osd ceph-common radosgw curl)
+MON_ID=a
+OSD_ID=0
+RGW_NAME=client.rgw.a
+
+log() { echo "s3/start: $*" >&2; }
+die() { echo "s3/start: ERROR: $*" >&2; exit 1; }
+
+[ $# -eq 1 ] || { echo "usage: $0 DATA_DIR" >&2; exit 2; }
+mkdir -p "$1"
+D=$(cd "$1" && pwd)
+CONF=$D/ceph.conf
+T=${S3_TIMEOUT:-60}
+ACCESS_KEY=${S3_ACCESS_KEY:-snapblock-test-access}
+SECRET_KEY=${S3_SECRET_KEY:-snapblock-test-secret-0123456789abcdef}
+REGION=${S3_REGION:-us-east-1}
+RBD_POOL=${S3_RBD_POOL-rbd}
+t0=$(date +%s.%N)
+elapsed() { awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
+
+# --- Debian packages (apt-get update only when something is missing) ---------
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+  log "packages installed ($(elapsed) s)"
+fi
+
+# One start at a time per DATA_DIR (parallel test workers share a cluster).
+mkdir -p "$D/run" "$D/log" "$D/leases" "$D/crash"
+exec 9>"$D/.lock"
+flock -w 300 9 || die "another start/stop holds $D/.lock"
+
+# --- helpers -----------------------------------------------------------------
+# A daemon is running if its pid file names a live process with the right name
+# (guards against a stale pid file whose PID was reused).
+comm_of() { case $1 in rgw) echo radosgw ;; *) echo "ceph-$1" ;; esac; }
+pid_of() { # name (mon|osd|rgw) -> prints its pid if running
+  local f=$D/run/$1.pid pid
+  [ -s "$f" ] || return 1
+  pid=$(cat "$f")
+  [ -d "/proc/$pid" ] && grep -qx "$(comm_of "$1")" "/proc/$pid/comm" 2>/dev/null &&
+    ! grep -q '^State:.*zombie' "/proc/$pid/status" && echo "$pid"
+}
+running() { pid_of "$1" >/dev/null; }
+
+# Is anything listening on 127.0.0.1:PORT? (pitfall 8: a `ceph` command pointed
+# at another cluster's mon talks to it without complaint)
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+pick_port() {
+  local p i
+  for i in $(seq 1 200); do
+    p=$((20000 + RANDOM % 20000))
+    port_busy "$p" || { echo "$p"; return; }
+  done
+  die "no free port found"
+}
+
+tail_log() { # name
+  local f=$D/log/$1.log
+  echo "---- last lines of $f" >&2
+  [ -f "$f" ] && tail -n 30 "$f" >&2 || echo "(no log)" >&2
+  [ -s "$D/log/$1.out" ] && { echo "---- $D/log/$1.out" >&2; tail -n 15 "$D/log/$1.out" >&2; }
+  true
+}
+
+# start_daemon NAME CMD... : run CMD (with -f) in its own session, record its pid.
+start_daemon() {
+  local name=$1; shift
+  # setsid without a fork (we are not a group leader): $! is the daemon itself,
+  # and the daemon survives the test runner's process group.
+  setsid "$@" </dev/null >>"$D/log/$name.out" 2>&1 &
+  echo $! >"$D/run/$name.pid"
+  sleep 0.05
+  [ -d "/proc/$!" ] || { tail_log "$name"; die "$name exited at once"; }
+}
+
+C() { timeout "${CT:-20}" ceph -c "$CONF" --connect-timeout 10 "$@"; }   # pitfall 7
+
+wait_for() { # what name cmd... : poll cmd until it succeeds, or the daemon dies
+  local what=$1 name=$2; shift 2
+  local deadline=$((SECONDS + T))
+  until "$@" >/dev/null 2>&1; do
+    running "$name" || { tail_log "$name"; die "$name died while waiting for $what"; }
+    ((SECONDS < deadline)) || { tail_log "$name"; die "timed out after ${T}s waiting for $what"; }
+    sleep 0.2
+  done
+}
+
+write_env() {
+  cat >"$D/env.tmp" <<EOF
+export S3_ENDPOINT='http://127.0.0.1:$RGW_PORT'
+export S3_REGION='$REGION'
+export AWS_ACCESS_KEY_ID='$ACCESS_KEY'
+export AWS_SECRET_ACCESS_KEY='$SECRET_KEY'
+export CEPH_CONF='$CONF'
+export S3_RBD_POOL='$(cat "$D/rbd_pool" 2>/dev/null || true)'
+export S3_SERVER='ceph-rgw'
+EOF
+  mv "$D/env.tmp" "$D/env"
+  if [ -n "${S3_LEASE:-}" ]; then echo "${S3_LEASE_PID:-$PPID}" >"$D/leases/$S3_LEASE"; fi
+  cat "$D/env"
+}
+
+rgw_ok() { curl -sf -m 2 -o /dev/null "http://127.0.0.1:$RGW_PORT/"; }
+
+# --- already running? --------------------------------------------------------
+if [ -f "$D/ports" ]; then
+  . "$D/ports"
+  if running mon && running osd && running rgw && rgw_ok; then
+    log "already running (S3 on 127.0.0.1:$RGW_PORT)"
+    write_env
+    exit 0
+  fi
+fi
+
+# --- bootstrap: config, mon store, osd --------------------------------------
+if [ ! -f "$D/bootstrapped" ]; then
+  log "bootstrapping a new cluster in $D"
+  # Leftovers of an interrupted bootstrap: start over (nothing in them is data).
+  for n in rgw osd mon; do
+    if pid=$(pid_of "$n"); then kill -9 "$pid"; fi
+  done
+  sleep 0.2
+  rm -rf "$D/mon" "$D/osd" "$D/rgw" "$D/ports" "$D/rbd_pool" "$D/user" "$D/monmap" "$CONF" "$D/run"/* "$D/log"/*
+  MON_PORT=${S3_MON_PORT:-$(pick_port)}
+  RGW_PORT=${S3_RGW_PORT:-$(pick_port)}
+  while [ "$RGW_PORT" = "$MON_PORT" ]; do RGW_PORT=$(pick_port); done
+  printf 'MON_PORT=%s\nRGW_PORT=%s\n' "$MON_PORT" "$RGW_PORT" >"$D/ports"
+  fsid=$(cat /proc/sys/kernel/random/uuid)
+  mkdir -p "$D/mon" "$D/osd/ceph-$OSD_ID" "$D/rgw"
+  cat >"$CONF" <<EOF
+# Generated by scripts/s3/start.sh: a throwaway single-node test cluster.
+[global]
+fsid = $fsid
+mon_host = v2:127.0.0.1:$MON_PORT
+# pitfall 6: loopback only, msgr2 only
+public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
+ms_bind_msgr1 = false
+ms_bind_ipv6 = false
+# pitfall 1: no cephx on a loopback test cluster
+auth_cluster_required = none
+auth_service_required = none
+auth_client_required = none
+# pitfall 11: every path under the data dir
+run_dir = $D/run
+crash_dir = $D/crash
+mon_cluster_log_file = $D/log/cluster.log
+# pitfalls 4, 5: one OSD, size-1 pools, few PGs
+osd_pool_default_size = 1
+osd_pool_default_min_size = 1
+osd_pool_default_pg_num = 8
+osd_pool_default_pgp_num = 8
+osd_pool_default_pg_autoscale_mode = off
+mon_max_pg_per_osd = 1000
+mon_allow_pool_size_one = true
+mon_allow_pool_delete = true
+mon_warn_on_pool_no_redundancy = false
+osd_crush_chooseleaf_type = 0
+
+[mon]
+mon_data = $D/mon/ceph-\$id
+log_file = $D/log/mon.log
+# pitfall 3: radosgw creates ~8 pools at first start, each a map change
+paxos_propose_interval = 0.1
+# pitfall 11: start on a fuller disk
+mon_data_avail_crit = 1
+mon_data_avail_warn = 2
+
+[osd]
+osd_data = $D/osd/ceph-\$id
+log_file = $D/log/osd.log
+osd_objectstore = bluestore
+# pitfall 2: a sparse file; no bluestore_block_path (symlink loop at mkfs)
+bluestore_block_create = true
+bluestore_block_size = ${S3_OSD_SIZE:-32G}
+osd_memory_target = ${S3_OSD_MEMORY:-1073741824}
+
+[client]
+# pitfall 1: without this radosgw (and librados clients) hang at auth
+ms_mon_client_mode = crc secure
+
+[$RGW_NAME]
+log_file = $D/log/rgw.log
+rgw_data = $D/rgw
+rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT
+# pitfall 10: reclaim deleted space after 30 s, not 2 h
+rgw_gc_obj_min_wait = 30
+rgw_gc_processor_period = 30
+EOF
+  monmaptool --create --fsid "$fsid" --addv "$MON_ID" "[v2:127.0.0.1:$MON_PORT]" "$D/monmap" >/dev/null
+  ceph-mon -c "$CONF" --mkfs -i "$MON_ID" --monmap "$D/monmap" >"$D/log/mon-mkfs.out" 2>&1 \
+    || { cat "$D/log/mon-mkfs.out" >&2; tail_log mon; die "ceph-mon --mkfs failed"; }
+fi
+
+. "$D/ports"
+if ! running mon; then
+  port_busy "$MON_PORT" && die "mon port 127.0.0.1:$MON_PORT is taken by another process (pitfall 8); stop it or remove $D"
+fi
+if ! running rgw; then
+  port_busy "$RGW_PORT" && die "rgw port 127.0.0.1:$RGW_PORT is taken by another process; stop it or remove $D"
+fi
+
+# --- mon -----------------------------------------------------------------------
+if ! running mon; then
+  start_daemon mon ceph-mon -f -c "$CONF" -i "$MON_ID"
+fi
+CT=5 wait_for "the monitor" mon C mon stat
+log "mon up ($(elapsed) s)"
+
+# --- osd -----------------------------------------------------------------------
+if [ ! -f "$D/bootstrapped" ]; then
+  osd_uuid=$(cat /proc/sys/kernel/random/uuid)
+  id=$(C osd new "$osd_uuid") || die "ceph osd new failed"
+  [ "$id" = "$OSD_ID" ] || die "expected osd id $OSD_ID, got '$id'"
+  ceph-osd -c "$CONF" -i "$OSD_ID" --mkfs --osd-uuid "$osd_uuid" >"$D/log/osd-mkfs.out" 2>&1 \
+    || { cat "$D/log/osd-mkfs.out" >&2; tail_log osd; die "ceph-osd --mkfs failed"; }
+  log "osd formatted ($(elapsed) s)"
+fi
+if ! running osd; then
+  start_daemon osd ceph-osd -f -c "$CONF" -i "$OSD_ID"
+fi
+osd_up() { C osd dump 2>/dev/null | grep -q "^osd.$OSD_ID up "; }
+wait_for "osd.$OSD_ID to come up" osd osd_up
+log "osd up ($(elapsed) s)"
+
+# --- rgw (creates its pools on first start) and the rbd pool, side by side ----
+if ! running rgw; then
+  start_daemon rgw radosgw -f -c "$CONF" -n "$RGW_NAME"
+fi
+if [ -n "$RBD_POOL" ] && [ ! -f "$D/rbd_pool" ]; then
+  ( C osd pool create "$RBD_POOL" 8 8 replicated >/dev/null 2>&1 &&
+    C osd pool application enable "$RBD_POOL" rbd >/dev/null 2>&1 &&
+    echo "$RBD_POOL" >"$D/rbd_pool" ) &
+  rbd_job=$!
+fi
+wait_for "radosgw to answer on 127.0.0.1:$RGW_PORT" rgw rgw_ok
+log "rgw up ($(elapsed) s)"
+if [ -n "${rbd_job:-}" ]; then
+  wait "$rbd_job" || log "WARNING: could not create pool '$RBD_POOL' (rbd images unavailable)"
+fi
+
+# --- S3 user (once) ------------------------------------------------------------
+if [ ! -f "$D/user" ] || [ "$(cat "$D/user")" != "$ACCESS_KEY" ]; then
+  out=$(timeout 60 radosgw-admin -c "$CONF" -n client.admin user create --uid snapblock --display-name snapblock \
+        --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" 2>&1) \
+    || out=$(timeout 60 radosgw-admin -c "$CONF" -n client.admin key create --uid snapblock --key-type s3 \
+        --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" 2>&1) \
+    || { echo "$out" >&2; tail_log rgw; die "radosgw-admin user create failed"; }
+  echo "$ACCESS_KEY" >"$D/user"
+fi
+touch "$D/bootstrapped"
+log "ready: S3 on http://127.0.0.1:$RGW_PORT, CEPH_CONF=$CONF ($(elapsed) s)"
+write_env
