@@ -82,7 +82,9 @@ size_sectors() { cat /sys/block/nbd0/size 2>/dev/null || echo 0; }
 # a just-disconnected device can still be busy for a moment.
 attach() {
   set -- -b "$BLOCKSIZE" -C "$CONNS" -t "$NBD_TIMEOUT" "$@"
-  set -- -N "$EXPORT" "$@"
+  # Without -N nbd-client warns about "oldstyle" but negotiates newstyle with
+  # the default export "" (the same happens with -N "").
+  [ -n "$EXPORT" ] && set -- -N "$EXPORT" "$@"
   i=0
   while :; do
     log "\$ nbd-client $* 10.0.2.100 10809 $NBD"

@@ -24,6 +24,8 @@ export class NbdServer {
   private readonly listeners: net.Server[] = [];
   private readonly sessions = new Set<Session>();
   private readonly handshaking = new Set<net.Socket>();
+  /** each connection's whole life, from accept to export release */
+  private readonly lifetimes = new Set<Promise<void>>();
   private shuttingDown = false;
   private readonly maxPayload: number;
 
@@ -45,7 +47,11 @@ export class NbdServer {
   }
 
   private listen(where: net.ListenOptions): Promise<net.Server> {
-    const server = net.createServer({ noDelay: true, pauseOnConnect: false }, (s) => this.accept(s));
+    const server = net.createServer({ noDelay: true, pauseOnConnect: false }, (s) => {
+      const life = this.accept(s);
+      this.lifetimes.add(life);
+      void life.finally(() => this.lifetimes.delete(life));
+    });
     return new Promise((resolve, reject) => {
       server.once('error', reject);
       server.listen(where, () => {
@@ -102,8 +108,12 @@ export class NbdServer {
   /** Stop accepting, let in-flight requests finish, close every connection. */
   async close(): Promise<void> {
     this.shuttingDown = true;
-    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    // net.Server.close() only calls back once every connection has ended, so the
+    // sessions are stopped while the listeners wait.
+    const listenersClosed = Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
     for (const s of this.handshaking) s.destroy();
     await Promise.all([...this.sessions].map((s) => s.stop()));
+    await Promise.all(this.lifetimes);
+    await listenersClosed;
   }
 }

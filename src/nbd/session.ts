@@ -75,6 +75,7 @@ export class Session {
     this.done = new Promise((resolve) => {
       this.socket.once('close', () => {
         this.closed = true;
+        this.settleIfIdle();
         resolve();
       });
     });
@@ -88,13 +89,17 @@ export class Session {
     this.pump();
   }
 
-  /** Stop reading requests, finish the ones in flight, then close. */
+  /** Stop reading new requests, finish the ones in flight (including one whose payload is arriving), then close. */
   async stop(): Promise<void> {
     if (!this.stopping) {
       this.stopping = true;
-      this.socket.pause();
+      if (!this.pending && this.drainLeft === 0) this.socket.pause();
       await this.idle();
       if (!this.closed) {
+        // Keep reading (and discarding) so the client's FIN is seen and 'close' fires.
+        this.socket.removeAllListeners('data');
+        this.socket.on('data', () => {});
+        this.socket.resume();
         this.socket.end();
         // A client that never reads its replies must not hold shutdown hostage.
         setTimeout(() => this.socket.destroy(), 5000).unref();
@@ -103,14 +108,19 @@ export class Session {
     await this.done;
   }
 
+  private isIdle(): boolean {
+    // A request still arriving counts as in flight, unless its sender is gone.
+    return this.inflight === 0 && (this.closed || (!this.pending && this.drainLeft === 0));
+  }
+
   private idle(): Promise<void> {
-    if (this.inflight === 0) return Promise.resolve();
+    if (this.isIdle()) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   private pump(): void {
     try {
-      while (!this.stopping && !this.throttled) {
+      while (!this.throttled) {
         if (this.socket.writableLength > this.cfg.maxInflightBytes) {
           // The client is not reading its replies: stop taking requests until it does.
           this.throttled = true;
@@ -124,6 +134,7 @@ export class Session {
           // Clients expect no reply before they finished sending the request.
           this.drained?.();
           this.drained = undefined;
+          this.settleIfIdle();
           continue;
         }
         if (this.pending) {
@@ -132,6 +143,11 @@ export class Session {
           this.pending = undefined;
           this.dispatch(req, this.queue.take(req.length));
           continue;
+        }
+        if (this.stopping) {
+          this.socket.pause();
+          this.settleIfIdle();
+          return;
         }
         if (this.queue.length < HEADER) return;
         const h = this.queue.take(HEADER);
@@ -403,7 +419,7 @@ export class Session {
   private end(bytes: number): void {
     this.inflight--;
     this.inflightBytes -= bytes;
-    if (this.inflight === 0) for (const w of this.idleWaiters.splice(0)) w();
+    this.settleIfIdle();
     if (this.throttled && this.inflightBytes <= this.cfg.maxInflightBytes / 2) {
       if (this.socket.writableLength > this.cfg.maxInflightBytes) {
         this.socket.once('drain', () => this.unthrottle());
@@ -411,10 +427,13 @@ export class Session {
     }
   }
 
+  private settleIfIdle(): void {
+    if (this.isIdle()) for (const w of this.idleWaiters.splice(0)) w();
+  }
+
   private unthrottle(): void {
     if (!this.throttled) return;
     this.throttled = false;
-    if (this.stopping) return;
     this.socket.resume();
     this.pump();
   }

@@ -1,0 +1,220 @@
+#!/usr/bin/env node
+// Micro-benchmarks of snapblock's per-request hot paths (benchmark.js), against the built
+// code in dist/ and the native addon in build/Release:
+//   - request header decoding as Session.pump does it (ByteQueue take + field reads)
+//   - write payload extraction (zero-copy 4k, copying 1M that arrived in 64 KiB reads)
+//   - reply header encoding (a replica of session.ts chunkHeader, which is not exported)
+//   - FileDevice.read from a warm page cache: 4k and 1M, and what a fresh 1 MiB buffer costs
+//   - extent lookup (FileDevice.extents and the raw native call) on a sparse file
+//
+//   node bench/micro.mjs [--quick] [--filter REGEX] [--json FILE]
+import Benchmark from 'benchmark';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const dist = (p) => import(path.join(ROOT, 'dist', p));
+let ByteQueue, FileDevice, native;
+try {
+  ({ ByteQueue } = await dist('nbd/byte-queue.js'));
+  ({ FileDevice } = await dist('block/file-device.js'));
+  native = await dist('native/index.js');
+} catch (err) {
+  process.stderr.write(`micro: cannot load dist/ (${err.message}); build first: npm ci, or npx tsc -p . and node-gyp rebuild\n`);
+  process.exit(1);
+}
+
+const args = process.argv.slice(2);
+const quick = args.includes('--quick');
+const filterAt = args.indexOf('--filter');
+const filter = filterAt >= 0 ? new RegExp(args[filterAt + 1], 'i') : undefined;
+const jsonAt = args.indexOf('--json');
+const jsonOut = jsonAt >= 0 ? args[jsonAt + 1] : undefined;
+if (args.includes('-h') || args.includes('--help')) {
+  process.stdout.write('usage: node bench/micro.mjs [--quick] [--filter REGEX] [--json FILE]\n');
+  process.exit(0);
+}
+const opts = { maxTime: quick ? 0.4 : 1.5, minSamples: quick ? 5 : 20 };
+
+// ---- fixtures
+
+const REQUEST_MAGIC = 0x25609513;
+const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+const MiB = 1024 * 1024;
+
+function header(type, cookie, offset, length) {
+  const h = Buffer.alloc(28);
+  h.writeUInt32BE(REQUEST_MAGIC, 0);
+  h.writeUInt16BE(0, 4);
+  h.writeUInt16BE(type, 6);
+  h.writeUInt32BE(0, 8);
+  h.writeUInt32BE(cookie, 12);
+  h.writeUInt32BE(Math.floor(offset / 2 ** 32), 16);
+  h.writeUInt32BE(offset >>> 0, 20);
+  h.writeUInt32BE(length, 24);
+  return h;
+}
+
+// 64 READ headers back to back, as a burst of 4k reads arrives in one socket read.
+const burst = Buffer.concat(Array.from({ length: 64 }, (_, i) => header(0, i, i * 4096 * 7919, 4096)));
+// The same bytes cut into 100-byte reads: about a quarter of the headers straddle two chunks.
+const ragged = Array.from({ length: Math.ceil(burst.length / 100) }, (_, i) => burst.subarray(i * 100, (i + 1) * 100));
+// A 4k WRITE (header + payload in one read) and a 1M WRITE arriving as 16 reads of 64 KiB.
+const write4k = Buffer.concat([header(1, 1, 0, 4096), Buffer.alloc(4096, 0xab)]);
+const write1m = Buffer.concat([header(1, 2, 0, MiB), Buffer.alloc(MiB, 0xcd)]);
+const write1mChunks = Array.from({ length: Math.ceil(write1m.length / 65536) }, (_, i) => write1m.subarray(i * 65536, (i + 1) * 65536));
+
+/** the decode Session.pump performs for each request header */
+function decode(q) {
+  const h = q.take(28);
+  if (h.readUInt32BE(0) !== REQUEST_MAGIC) throw new Error('bad magic');
+  return {
+    flags: h.readUInt16BE(4),
+    type: h.readUInt16BE(6),
+    cookieHi: h.readUInt32BE(8),
+    cookieLo: h.readUInt32BE(12),
+    offset: h.readUInt32BE(16) * 0x100000000 + h.readUInt32BE(20),
+    length: h.readUInt32BE(24),
+  };
+}
+
+/** replica of session.ts chunkHeader + writeU64 (OFFSET_DATA reply header) */
+function chunkHeader(req, flags, type, length, extra) {
+  const h = Buffer.allocUnsafe(20 + extra);
+  h.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
+  h.writeUInt16BE(flags, 4);
+  h.writeUInt16BE(type, 6);
+  h.writeUInt32BE(req.cookieHi, 8);
+  h.writeUInt32BE(req.cookieLo, 12);
+  h.writeUInt32BE(length, 16);
+  return h;
+}
+
+// A sparse 1 GiB file: first 64 MiB fully written, then 64 KiB of data every 128 KiB up to
+// 128 MiB (fragmented), the rest a hole.
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapblock-micro-'));
+process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => process.exit(130));
+const file = path.join(dir, 'sparse.img');
+{
+  const fd = fs.openSync(file, 'w+');
+  fs.ftruncateSync(fd, 1024 * MiB);
+  const chunk = Buffer.alloc(4 * MiB, 0x5a);
+  for (let off = 0; off < 64 * MiB; off += chunk.length) fs.writeSync(fd, chunk, 0, chunk.length, off);
+  for (let off = 64 * MiB; off < 128 * MiB; off += 128 * 1024) fs.writeSync(fd, chunk, 0, 64 * 1024, off);
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+}
+const dev = FileDevice.open(file, { cache: 'writeback' });
+const rawFd = native.openFile(file, { direct: false, readOnly: true }).fd;
+
+// ---- suites
+
+const suites = [];
+const suite = (name) => {
+  const s = new Benchmark.Suite(name);
+  suites.push(s);
+  return s;
+};
+const add = (s, name, fn, extra = {}) => {
+  if (!filter || filter.test(`${s.name}: ${name}`)) s.add(name, fn, { ...opts, ...extra });
+};
+const defer = (fn) => ({ defer: true, fn: (d) => fn().then(() => d.resolve(), (e) => { throw e; }) });
+
+{
+  const s = suite('request header decode (per header)');
+  const q1 = new ByteQueue();
+  add(s, 'ByteQueue.take(28) + fields, headers in one chunk', () => {
+    if (q1.length < 28) q1.push(burst);
+    return decode(q1);
+  });
+  const q2 = new ByteQueue();
+  let next = 0;
+  add(s, 'ByteQueue.take(28) + fields, 100-byte chunks (straddling)', () => {
+    while (q2.length < 28) q2.push(ragged[next++ % ragged.length]);
+    return decode(q2);
+  });
+  const q3 = new ByteQueue();
+  add(s, 'ByteQueue.peek(28) only', () => {
+    if (q3.length < 28) q3.push(burst);
+    return q3.peek(28);
+  });
+}
+
+{
+  const s = suite('write request extraction (per request)');
+  const q = new ByteQueue();
+  add(s, '4k WRITE: header + zero-copy payload', () => {
+    q.push(write4k);
+    decode(q);
+    return q.take(4096);
+  });
+  const q2 = new ByteQueue();
+  add(s, '1M WRITE from 64 KiB reads: header + copying take(1M)', () => {
+    for (const c of write1mChunks) q2.push(c);
+    decode(q2);
+    return q2.take(MiB);
+  });
+}
+
+{
+  const s = suite('reply encoding (per reply)');
+  const req = { cookieHi: 0, cookieLo: 12345 };
+  add(s, 'OFFSET_DATA header (replica of session.ts chunkHeader)', () => {
+    const h = chunkHeader(req, 1, 1, 8 + 4096, 8);
+    h.writeUInt32BE(0, 20);
+    h.writeUInt32BE(4096, 24);
+    return h;
+  });
+}
+
+{
+  const s = suite('FileDevice.read, warm page cache (per request)');
+  let i = 0;
+  add(s, '4k read (preadNowait path)', defer(() => dev.read(((i++ * 7919) % 16384) * 4096, 4096)));
+  let j = 0;
+  add(s, '1M read into a fresh Buffer (as FileDevice.read does)', defer(() => dev.read((j++ % 64) * MiB, MiB)));
+  const reused = Buffer.allocUnsafe(MiB);
+  let k = 0;
+  add(s, '1M preadNowait into one reused Buffer (what a buffer pool would cost)', () => native.preadNowait(rawFd, reused, (k++ % 64) * MiB));
+  let m = 0;
+  add(s, '1M pread via the thread pool into a reused Buffer', defer(() => native.pread(rawFd, reused, (m++ % 64) * MiB)));
+}
+
+{
+  const s = suite('extent lookup (per call)');
+  add(s, 'FileDevice.extents 1M, all data (as a >=64k READ does first)', defer(() => dev.extents(8 * MiB, MiB)));
+  add(s, 'FileDevice.extents 1M, 8 data + 8 hole extents', defer(() => dev.extents(64 * MiB, MiB)));
+  add(s, 'FileDevice.extents 1M, all hole', defer(() => dev.extents(512 * MiB, MiB)));
+  add(s, 'native.extents 1M, 8 data + 8 hole (raw Float64Array + Extent objects)', defer(() => native.extents(rawFd, 64 * MiB, MiB)));
+  add(s, 'FileDevice.extents whole 1 GiB (block status)', defer(() => dev.extents(0, 1024 * MiB)));
+}
+
+// ---- run
+
+const results = [];
+for (const s of suites) {
+  if (!s.length) continue;
+  process.stdout.write(`\n${s.name}\n`);
+  await new Promise((resolve, reject) => {
+    s.on('cycle', (ev) => {
+      const b = ev.target;
+      if (b.error) return reject(b.error);
+      const ns = 1e9 / b.hz;
+      process.stdout.write(`  ${b.name.padEnd(72)} ${Math.round(b.hz).toLocaleString('en-US').padStart(13)} ops/s  ${ns < 1000 ? ns.toFixed(0) + ' ns' : (ns / 1000).toFixed(1) + ' µs'}/op  ±${b.stats.rme.toFixed(1)}%\n`);
+      results.push({ suite: s.name, name: b.name, opsPerSec: b.hz, nsPerOp: ns, rme: b.stats.rme, samples: b.stats.sample.length });
+    });
+    s.on('complete', resolve);
+    s.on('error', (ev) => reject(ev.target.error));
+    s.run({ async: false });
+  });
+}
+await dev.close();
+native.closeFile(rawFd);
+if (jsonOut) {
+  fs.mkdirSync(path.dirname(path.resolve(jsonOut)), { recursive: true });
+  fs.writeFileSync(jsonOut, JSON.stringify({ date: new Date().toISOString(), node: process.version, cpus: os.cpus().length, results }, null, 2) + '\n');
+  process.stdout.write(`\nwrote ${jsonOut}\n`);
+}
