@@ -29,10 +29,13 @@ FS_SMALL_FILES=32      # fs: number of small (1-16 KiB) files, exercises metadat
 MKFS_OPTS=""           # fs: extra mkfs.ext4 options
 MOUNT_OPTS=""          # extra mount options (verify-ro always adds ro)
 FSCK=1                 # run e2fsck -fn on the unmounted filesystem
+# verify-ro of a crash-consistent snapshot (journal not replayed, and a
+# read-only device cannot replay it): use FSCK=0 MOUNT_OPTS=noload.
 CHECKSUMS=""           # verify-ro: sha256sum lines, paths relative to the fs root
 FIO_SIZE=32M           # fio: bytes of /dev/nbd0 to write and verify
 FIO_BS=4k-64k          # fio: --bsrange
 FIO_IODEPTH=16
+# shellcheck disable=SC1091 # written by run.sh
 [ -f /snapblock/settings.env ] && . /snapblock/settings.env
 
 NBD=/dev/nbd0
@@ -67,6 +70,7 @@ while read -r m; do
   args=""
   # max_part=0: no partition scan on attach, so the server sees only our I/O.
   [ "$m" = nbd.ko ] && args="nbds_max=2 max_part=0"
+  # shellcheck disable=SC2086 # $args is a list of module parameters
   insmod "/lib/modules/snapblock/$m" $args || fail "insmod $m"
 done </lib/modules/snapblock/order
 
@@ -127,6 +131,7 @@ mount_fs() { # extra options
 # can check them with the SNAPBLOCK-SUM lines printed here.
 scenario_fs() {
   attach
+  # shellcheck disable=SC2086 # $MKFS_OPTS is a list of options
   run mkfs.ext4 -q -F -b 4096 $MKFS_OPTS "$NBD"
   mount_fs ""
   run mkdir -p /mnt/data/small

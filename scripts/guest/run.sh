@@ -75,6 +75,8 @@ fi
 
 if [ -z "$log" ]; then
   mkdir -p "$repo/.cache/guest-logs"
+  # Keep a week of console logs.
+  find "$repo/.cache/guest-logs" -name '*.log' -mtime +7 -delete 2>/dev/null || true
   log="$repo/.cache/guest-logs/$(date +%Y%m%d-%H%M%S)-$scenario-p$port-$$.log"
 fi
 mkdir -p "$(dirname "$log")"
@@ -92,7 +94,9 @@ mkdir -p "$tmp/settings/snapblock"
   [ -n "$checksums" ] && echo "CHECKSUMS=$(shquote "$(cat "$checksums")")"
   for kv in "${sets[@]+"${sets[@]}"}"; do
     k=${kv%%=*}
-    [[ "$k" =~ ^[A-Z_][A-Z0-9_]*$ ]] && [ "$k" != "$kv" ] || die "--set wants KEY=VALUE, got '$kv'"
+    if ! [[ "$k" =~ ^[A-Z_][A-Z0-9_]*$ ]] || [ "$k" = "$kv" ]; then
+      die "--set wants KEY=VALUE, got '$kv'"
+    fi
     echo "$k=$(shquote "${kv#*=}")"
   done
 } >"$tmp/settings/snapblock/settings.env"
@@ -113,6 +117,7 @@ kernel=$guest/vmlinuz
 # nodelay: the guest's NBD requests are small; don't let Nagle delay them.
 # (",," is QEMU's escape for a literal comma inside -netdev.)
 fwd="guestfwd=tcp:10.0.2.100:10809-cmd:socat STDIO TCP:$host:$port,,nodelay"
+# shellcheck disable=SC2054 # commas are QEMU option syntax, not array separators
 qemu=(
   qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m "$mem"
   -nodefaults -display none -no-reboot
