@@ -5,13 +5,11 @@ import type { Logger } from 'pino';
 import { Pool } from './pool/pool.js';
 import { NbdServer } from './nbd/server.js';
 import { ControlServer } from './control/server.js';
-import type { CacheMode } from './block/file-device.js';
 
 export interface ServeOptions {
   pool: string;
   listen?: { host: string; port: number };
   socket?: string;
-  cache: CacheMode;
   tls?: { cert: string; key: string; ca?: string; required: boolean };
   log: Logger;
 }
@@ -25,7 +23,7 @@ export interface Daemon {
 
 export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
   const { log } = opts;
-  const pool = Pool.open(opts.pool, { log, cache: opts.cache });
+  const pool = await Pool.open(opts.pool, { log });
   const tlsPolicy = opts.tls
     ? {
         context: tls.createSecureContext({
@@ -57,11 +55,11 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
   const started = new Date().toISOString();
   const control = new ControlServer(
     pool,
-    () => ({ pid: process.pid, started, pool: pool.dir, endpoints, connections: nbd.connectionCount, cache: opts.cache, tls: opts.tls ? (opts.tls.required ? 'required' : 'optional') : 'off' }),
+    () => ({ pid: process.pid, started, pool: pool.dir, endpoints, connections: nbd.connectionCount, tls: opts.tls ? (opts.tls.required ? 'required' : 'optional') : 'off' }),
     log,
   );
   await control.listen(pool.controlSocketPath);
-  log.info({ pool: pool.dir, endpoints, control: pool.controlSocketPath, cache: opts.cache }, 'snapblock serving');
+  log.info({ pool: pool.dir, endpoints, control: pool.controlSocketPath }, 'snapblock serving');
 
   let stopping: Promise<void> | undefined;
   return {

@@ -18,7 +18,6 @@ describe('offline pool', () => {
     expect(info).toMatchObject({ name: 'v1', size: 10 * MiB, allocated: 0, connections: 0 });
     expect(cli(pool, ['volume', 'resize', 'v1', '20M']).status).toBe(0);
     expect(JSON.parse(cli(pool, ['volume', 'info', 'v1', '--json']).stdout).size).toBe(20 * MiB);
-    expect(fs.statSync(path.join(pool, 'volumes', 'v1.img')).size).toBe(20 * MiB);
     const human = cli(pool, ['volume', 'list']);
     expect(human.stdout).toMatch(/^NAME\s+SIZE\s+ALLOCATED/);
     expect(human.stdout).toMatch(/v1\s+20\.0 MiB\s+0 B/);
@@ -59,7 +58,7 @@ describe('offline pool', () => {
       expect(r.stderr, args.join(' ')).toMatch(msg);
     }
     // nothing half-made
-    expect(fs.readdirSync(path.join(pool, 'volumes')).sort()).toEqual(['v2.img']);
+    expect(fs.readdirSync(path.join(pool, 'volumes')).sort()).toEqual(['v2']);
   });
 
   it('--help works everywhere', () => {
@@ -73,26 +72,29 @@ describe('offline pool', () => {
   it('check passes on a clean pool and finds planted problems', () => {
     expect(cli(pool, ['check']).stdout).toMatch(/pool OK/);
     fs.writeFileSync(path.join(pool, 'volumes', 'stray.img'), 'x');
-    fs.truncateSync(path.join(pool, 'volumes', 'v2.img'), 1234);
-    // Opening the pool repairs what recovery may repair and says so.
+    fs.mkdirSync(path.join(pool, 'volumes', 'half.creating'));
+    // Opening the pool removes what an interrupted create or delete left, and says so.
     const r = cli(pool, ['--json', 'check']);
     expect(JSON.parse(r.stdout)).toEqual({ ok: true, problems: [], repaired: [] });
-    expect(fs.existsSync(path.join(pool, 'volumes', 'stray.img'))).toBe(false);
-    expect(fs.statSync(path.join(pool, 'volumes', 'v2.img')).size).toBe(4 * MiB);
-    fs.rmSync(path.join(pool, 'volumes', 'v2.img'));
+    expect(r.stderr).toMatch(/removed orphan volumes\/stray.img/);
+    expect(fs.readdirSync(path.join(pool, 'volumes')).sort()).toEqual(['v2']);
+    fs.rmSync(path.join(pool, 'volumes', 'v2', 'checkpoint'));
     const bad = cli(pool, ['check']);
     expect(bad.status).toBe(1);
-    expect(bad.stdout).toMatch(/backing file volumes\/v2.img is missing/);
+    expect(bad.stdout).toMatch(/volume "v2": cannot be opened/);
+    fs.rmSync(path.join(pool, 'volumes', 'v2'), { recursive: true });
+    const gone = cli(pool, ['check']);
+    expect(gone.stdout).toMatch(/directory volumes\/v2 is missing/);
   });
 
   it('a corrupt catalog is reported, never overwritten', () => {
     const p = tempDir('corrupt-');
     cli(p, ['volume', 'create', 'x', '1M']);
-    fs.writeFileSync(path.join(p, 'catalog.json'), '{"format":"snapblock-pool","version":1,"volumes":{"x":{"name":"x"}}}');
+    fs.writeFileSync(path.join(p, 'catalog.json'), '{"format":"snapblock-pool","version":2,"types":{},"volumes":{"x":{"name":"x"}}}');
     const r = cli(p, ['volume', 'list']);
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/catalog .* is invalid/);
-    expect(fs.existsSync(path.join(p, 'volumes', 'x.img'))).toBe(true);
+    expect(fs.existsSync(path.join(p, 'volumes', 'x', 'data'))).toBe(true);
   });
 });
 
@@ -129,8 +131,8 @@ describe('live pool through the control API', () => {
 
   it('a volume with a connected client cannot be deleted or shrunk', async () => {
     const { spawn } = await import('node:child_process');
-    const holder = spawn('nbdsh', ['-u', srv.uri('busy'), '-c', 'import time; time.sleep(3)'], { env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}` } });
-    await new Promise((r) => setTimeout(r, 1000));
+    const holder = spawn('nbdsh', ['-u', srv.uri('busy'), '-c', 'import time; time.sleep(6)'], { env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}` } });
+    for (let i = 0; i < 50 && JSON.parse(srv.cli(['--json', 'volume', 'info', 'busy']).stdout).connections === 0; i++) await new Promise((r) => setTimeout(r, 100));
     const del = srv.cli(['volume', 'delete', 'busy']);
     expect(del.status).toBe(1);
     expect(del.stderr).toMatch(/open connection/);

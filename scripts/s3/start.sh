@@ -20,8 +20,8 @@
 # with an empty DATA_DIR it bootstraps (about 10 s once packages are present).
 #
 # Settings (environment):
-#   S3_MON_PORT, S3_RGW_PORT  ports (default: free ones picked at bootstrap and
-#                             then kept in DATA_DIR/ports for later restarts)
+#   S3_MON_PORT, S3_RGW_PORT  ports for a new cluster (default: free ones picked
+#                             at bootstrap); kept in DATA_DIR/ports for restarts
 #   S3_ACCESS_KEY, S3_SECRET_KEY, S3_REGION   credentials written to env
 #   S3_OSD_SIZE               bluestore file size, sparse (default 32G)
 #   S3_OSD_MEMORY             osd_memory_target in bytes (default 1 GiB)
@@ -61,8 +61,9 @@ done
 if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+  $SUDO apt-get update -qq -o DPkg::Lock::Timeout=300
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    -o DPkg::Lock::Timeout=300 "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
   log "packages installed ($(elapsed) s)"
 fi
@@ -110,20 +111,24 @@ start_daemon() {
   local name=$1; shift
   # setsid without a fork (we are not a group leader): $! is the daemon itself,
   # and the daemon survives the test runner's process group.
-  setsid "$@" </dev/null >>"$D/log/$name.out" 2>&1 &
+  # 9>&-: the daemon must not inherit (and so hold) the start/stop lock.
+  setsid "$@" </dev/null >>"$D/log/$name.out" 2>&1 9>&- &
   echo $! >"$D/run/$name.pid"
+  STARTED+=" $name"
   sleep 0.05
   [ -d "/proc/$!" ] || { tail_log "$name"; die "$name exited at once"; }
 }
 
 C() { timeout "${CT:-20}" ceph -c "$CONF" --connect-timeout 10 "$@"; }   # pitfall 7
 
-wait_for() { # what name cmd... : poll cmd until it succeeds, or the daemon dies
-  local what=$1 name=$2; shift 2
-  local deadline=$((SECONDS + T))
+STARTED=""   # daemons started (or found running) by this run: watched while waiting
+wait_for() { # what cmd... : poll cmd until it succeeds; fail if a daemon dies
+  local what=$1 n deadline=$((SECONDS + T)); shift
   until "$@" >/dev/null 2>&1; do
-    running "$name" || { tail_log "$name"; die "$name died while waiting for $what"; }
-    ((SECONDS < deadline)) || { tail_log "$name"; die "timed out after ${T}s waiting for $what"; }
+    for n in $STARTED; do
+      running $n || { tail_log $n; die "$n is not running (while waiting for $what)"; }
+    done
+    ((SECONDS < deadline)) || { for n in $STARTED; do tail_log $n; done; die "timed out after ${T}s waiting for $what"; }
     sleep 0.2
   done
 }
@@ -167,6 +172,9 @@ if [ ! -f "$D/bootstrapped" ]; then
   MON_PORT=${S3_MON_PORT:-$(pick_port)}
   RGW_PORT=${S3_RGW_PORT:-$(pick_port)}
   while [ "$RGW_PORT" = "$MON_PORT" ]; do RGW_PORT=$(pick_port); done
+  for p in "$MON_PORT" "$RGW_PORT"; do   # pitfall 8 (given ports; picked ones are free)
+    port_busy "$p" && die "port 127.0.0.1:$p is taken by another process; choose other S3_MON_PORT/S3_RGW_PORT"
+  done
   printf 'MON_PORT=%s\nRGW_PORT=%s\n' "$MON_PORT" "$RGW_PORT" >"$D/ports"
   fsid=$(cat /proc/sys/kernel/random/uuid)
   mkdir -p "$D/mon" "$D/osd/ceph-$OSD_ID" "$D/rgw"
@@ -198,6 +206,7 @@ mon_max_pg_per_osd = 1000
 mon_allow_pool_size_one = true
 mon_allow_pool_delete = true
 mon_warn_on_pool_no_redundancy = false
+mon_warn_on_insecure_global_id_reclaim_allowed = false
 osd_crush_chooseleaf_type = 0
 
 [mon]
@@ -217,6 +226,9 @@ osd_objectstore = bluestore
 bluestore_block_create = true
 bluestore_block_size = ${S3_OSD_SIZE:-32G}
 osd_memory_target = ${S3_OSD_MEMORY:-1073741824}
+# 2 shards, not 5 (hdd default): each shard opens the block file at start (~0.3 s)
+osd_op_num_shards = 2
+osd_op_num_threads_per_shard = 2
 
 [client]
 # pitfall 1: without this radosgw (and librados clients) hang at auth
@@ -233,50 +245,50 @@ EOF
   monmaptool --create --fsid "$fsid" --addv "$MON_ID" "[v2:127.0.0.1:$MON_PORT]" "$D/monmap" >/dev/null
   ceph-mon -c "$CONF" --mkfs -i "$MON_ID" --monmap "$D/monmap" >"$D/log/mon-mkfs.out" 2>&1 \
     || { cat "$D/log/mon-mkfs.out" >&2; tail_log mon; die "ceph-mon --mkfs failed"; }
+  # Format the OSD (~4 s) while the mon starts: with the fsid in ceph.conf and
+  # --no-mon-config, mkfs needs no monitor.
+  osd_uuid=$(cat /proc/sys/kernel/random/uuid)
+  ceph-osd -c "$CONF" -i "$OSD_ID" --mkfs --osd-uuid "$osd_uuid" --no-mon-config \
+    >"$D/log/osd-mkfs.out" 2>&1 9>&- &
+  mkfs_job=$!
 fi
 
 . "$D/ports"
-if ! running mon; then
-  port_busy "$MON_PORT" && die "mon port 127.0.0.1:$MON_PORT is taken by another process (pitfall 8); stop it or remove $D"
-fi
-if ! running rgw; then
-  port_busy "$RGW_PORT" && die "rgw port 127.0.0.1:$RGW_PORT is taken by another process; stop it or remove $D"
-fi
+for n in mon rgw; do
+  port=$([ $n = mon ] && echo "$MON_PORT" || echo "$RGW_PORT")
+  if ! running $n && port_busy "$port"; then
+    die "$n port 127.0.0.1:$port is taken by another process (pitfall 8); free it or remove $D"
+  fi
+done
 
-# --- mon -----------------------------------------------------------------------
-if ! running mon; then
-  start_daemon mon ceph-mon -f -c "$CONF" -i "$MON_ID"
-fi
-CT=5 wait_for "the monitor" mon C mon stat
-log "mon up ($(elapsed) s)"
-
-# --- osd -----------------------------------------------------------------------
-if [ ! -f "$D/bootstrapped" ]; then
-  osd_uuid=$(cat /proc/sys/kernel/random/uuid)
-  id=$(C osd new "$osd_uuid") || die "ceph osd new failed"
-  [ "$id" = "$OSD_ID" ] || die "expected osd id $OSD_ID, got '$id'"
-  ceph-osd -c "$CONF" -i "$OSD_ID" --mkfs --osd-uuid "$osd_uuid" >"$D/log/osd-mkfs.out" 2>&1 \
-    || { cat "$D/log/osd-mkfs.out" >&2; tail_log osd; die "ceph-osd --mkfs failed"; }
+# --- mon, then osd, then rgw --------------------------------------------------
+for n in mon osd rgw; do running $n && STARTED+=" $n"; done
+running mon || start_daemon mon ceph-mon -f -c "$CONF" -i "$MON_ID"
+if [ -n "${mkfs_job:-}" ]; then
+  id=$(C osd new "$osd_uuid" "$OSD_ID" 2>"$D/log/osd-new.out") \
+    || { cat "$D/log/osd-new.out" >&2; tail_log mon; die "ceph osd new failed (is the mon up?)"; }
+  log "mon up ($(elapsed) s)"
+  wait "$mkfs_job" || { tail -n 20 "$D/log/osd-mkfs.out" >&2; tail_log osd; die "ceph-osd --mkfs failed"; }
   log "osd formatted ($(elapsed) s)"
 fi
 if ! running osd; then
+  osd_log_size=$(stat -c %s "$D/log/osd.log" 2>/dev/null || echo 0)
   start_daemon osd ceph-osd -f -c "$CONF" -i "$OSD_ID"
+  # Up = the OSD logged its boot (cheaper than polling `ceph osd dump`). radosgw
+  # started before that waits ~3 s longer: its objecter retries on a 5 s tick.
+  # (no grep -q: with pipefail, tail's SIGPIPE would turn a match into a failure)
+  osd_booted() { tail -c +$((osd_log_size + 1)) "$D/log/osd.log" | grep "state: booting -> active" >/dev/null; }
+  wait_for "osd.$OSD_ID to boot" osd_booted
+  log "osd up ($(elapsed) s)"
 fi
-osd_up() { C osd dump 2>/dev/null | grep -q "^osd.$OSD_ID up "; }
-wait_for "osd.$OSD_ID to come up" osd osd_up
-log "osd up ($(elapsed) s)"
-
-# --- rgw (creates its pools on first start) and the rbd pool, side by side ----
-if ! running rgw; then
-  start_daemon rgw radosgw -f -c "$CONF" -n "$RGW_NAME"
-fi
+running rgw || start_daemon rgw radosgw -f -c "$CONF" -n "$RGW_NAME"
 if [ -n "$RBD_POOL" ] && [ ! -f "$D/rbd_pool" ]; then
   ( C osd pool create "$RBD_POOL" 8 8 replicated >/dev/null 2>&1 &&
     C osd pool application enable "$RBD_POOL" rbd >/dev/null 2>&1 &&
-    echo "$RBD_POOL" >"$D/rbd_pool" ) &
+    echo "$RBD_POOL" >"$D/rbd_pool" ) 9>&- &
   rbd_job=$!
 fi
-wait_for "radosgw to answer on 127.0.0.1:$RGW_PORT" rgw rgw_ok
+wait_for "radosgw to answer on 127.0.0.1:$RGW_PORT" rgw_ok
 log "rgw up ($(elapsed) s)"
 if [ -n "${rbd_job:-}" ]; then
   wait "$rbd_job" || log "WARNING: could not create pool '$RBD_POOL' (rbd images unavailable)"
@@ -284,10 +296,9 @@ fi
 
 # --- S3 user (once) ------------------------------------------------------------
 if [ ! -f "$D/user" ] || [ "$(cat "$D/user")" != "$ACCESS_KEY" ]; then
-  out=$(timeout 60 radosgw-admin -c "$CONF" -n client.admin user create --uid snapblock --display-name snapblock \
-        --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" 2>&1) \
-    || out=$(timeout 60 radosgw-admin -c "$CONF" -n client.admin key create --uid snapblock --key-type s3 \
-        --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" 2>&1) \
+  admin() { timeout 60 radosgw-admin -c "$CONF" -n client.admin "$@" 2>&1; }
+  out=$(admin user create --uid snapblock --display-name snapblock --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY") \
+    || out=$(admin key create --uid snapblock --key-type s3 --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY") \
     || { echo "$out" >&2; tail_log rgw; die "radosgw-admin user create failed"; }
   echo "$ACCESS_KEY" >"$D/user"
 fi

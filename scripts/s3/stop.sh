@@ -40,22 +40,30 @@ fi
 
 comm_of() { case $1 in rgw) echo radosgw ;; *) echo "ceph-$1" ;; esac; }
 live() { [ -d "/proc/$1" ] && ! grep -q '^State:.*zombie' "/proc/$1/status" 2>/dev/null; }
-pids=()
-for n in rgw osd mon; do   # reverse start order
-  f=$D/run/$n.pid
-  [ -s "$f" ] || continue
-  pid=$(cat "$f")
-  if live "$pid" && grep -qx "$(comm_of "$n")" "/proc/$pid/comm" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null && pids+=("$pid") && log "stopping $n (pid $pid)"
-  fi
-done
-for _ in $(seq 1 100); do
-  alive=()
-  for pid in "${pids[@]}"; do live "$pid" && alive+=("$pid"); done
-  ((${#alive[@]})) || break
-  sleep 0.1
-done
-for pid in "${alive[@]}"; do log "pid $pid ignored SIGTERM for 10 s: SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; done
+# stop NAME... : SIGTERM the named daemons, wait for them, SIGKILL after 10 s
+stop() {
+  local n f pid pids=() alive=()
+  for n in "$@"; do
+    f=$D/run/$n.pid
+    [ -s "$f" ] || continue
+    pid=$(cat "$f")
+    if live "$pid" && grep -qx "$(comm_of "$n")" "/proc/$pid/comm" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null && pids+=("$pid") && log "stopping $n (pid $pid)"
+    fi
+  done
+  for _ in $(seq 1 100); do
+    alive=()
+    for pid in "${pids[@]}"; do live "$pid" && alive+=("$pid"); done
+    ((${#alive[@]})) || return 0
+    sleep 0.1
+  done
+  for pid in "${alive[@]}"; do log "pid $pid ignored SIGTERM for 10 s: SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; done
+}
+# One at a time, in reverse start order: radosgw shutting down needs the OSD
+# (else it ignores SIGTERM), an OSD stopping without its mon waits 5 s.
+stop rgw
+stop osd
+stop mon
 rm -f "$D"/run/{mon,osd,rgw}.pid
 
 if ((purge)); then rm -rf "$D"; log "removed $D"; fi

@@ -1,50 +1,26 @@
-// Volume operations for the CLI: through the control API when a server owns the
-// pool, directly on the pool (under its lock) when none does.
+// Where the CLI's operations run: through the control API when a server owns the
+// pool, in-process on the pool (under its lock) when none does.
 import path from 'node:path';
 import { ControlClient } from '../control/client.js';
-import { Pool, type CheckReport, type VolumeInfo } from '../pool/pool.js';
+import { runOperation } from '../control/operations.js';
+import { Pool } from '../pool/pool.js';
 import type { Logger } from '../log.js';
 
-export interface PoolOps {
-  list(): Promise<VolumeInfo[]>;
-  info(name: string): Promise<VolumeInfo>;
-  create(name: string, size: number): Promise<VolumeInfo>;
-  resize(name: string, size: number, force: boolean): Promise<VolumeInfo>;
-  delete(name: string): Promise<void>;
-  check(repair: boolean): Promise<CheckReport>;
+export interface PoolCaller {
+  call<T = unknown>(op: string, args?: unknown): Promise<T>;
+  readonly live: boolean;
   close(): Promise<void>;
 }
 
-export async function connectPool(dir: string, log: Logger): Promise<PoolOps> {
+export async function connectPool(dir: string, log: Logger): Promise<PoolCaller> {
   const client = new ControlClient(path.join(path.resolve(dir), 'control.sock'));
-  if (await client.alive()) return remoteOps(client);
-  return localOps(Pool.open(dir, { log }));
-}
-
-function remoteOps(c: ControlClient): PoolOps {
-  const v = (n: string) => `/v1/volumes/${encodeURIComponent(n)}`;
+  if (await client.alive()) {
+    return { live: true, call: (op, args) => client.request('POST', '/v1/call', { op, args: args ?? {} }), close: async () => {} };
+  }
+  const pool = await Pool.open(dir, { log });
   return {
-    list: () => c.request('GET', '/v1/volumes'),
-    info: (n) => c.request('GET', v(n)),
-    create: (name, size) => c.request('POST', '/v1/volumes', { name, size }),
-    resize: (n, size, force) => c.request('POST', `${v(n)}/resize`, { size, force }),
-    delete: async (n) => void (await c.request('DELETE', v(n))),
-    check: async (repair) => {
-      if (repair) throw new Error('check --repair needs exclusive use of the pool: stop the server first');
-      return c.request('GET', '/v1/check');
-    },
-    close: async () => {},
-  };
-}
-
-function localOps(pool: Pool): PoolOps {
-  return {
-    list: async () => pool.volumes(),
-    info: async (n) => pool.info(n),
-    create: async (n, s) => pool.create(n, s),
-    resize: async (n, s, force) => pool.resize(n, s, { force }),
-    delete: async (n) => pool.delete(n),
-    check: async (repair) => pool.check({ repair }),
+    live: false,
+    call: async <T>(op: string, args?: unknown) => (await runOperation(pool, op, args)) as T,
     close: () => pool.close(),
   };
 }

@@ -1,49 +1,28 @@
 // Local control API: HTTP/JSON over a Unix socket inside the pool, mode 0600, so only
-// the pool's owner can drive it. The CLI uses it for every operation on a live pool.
+// the pool's owner can drive it. POST /v1/call {op, args} runs one pool operation
+// (src/control/operations.ts); GET /v1/status describes the running server.
 import http from 'node:http';
 import fs from 'node:fs';
 import type { Logger } from 'pino';
 import { z } from 'zod';
 import type { Pool } from '../pool/pool.js';
 import { PoolError } from '../pool/names.js';
-import { CreateVolume, ResizeVolume } from './api.js';
+import { SnapshotError } from '../storage/volume.js';
+import { runOperation } from './operations.js';
 
 const STATUS: Record<string, number> = { EINVAL: 400, ENOENT: 404, EEXIST: 409, EBUSY: 409, ENOSPC: 507, ELOCKED: 423 };
 const MAX_BODY = 64 * 1024;
-
-type Handler = (params: string[], body: unknown) => unknown | Promise<unknown>;
+const Call = z.object({ op: z.string(), args: z.unknown().optional() });
 
 export class ControlServer {
   private readonly server: http.Server;
-  private readonly routes: Array<{ method: string; pattern: RegExp; handler: Handler }> = [];
 
   constructor(
     private readonly pool: Pool,
     private readonly status: () => unknown,
     private readonly log: Logger,
   ) {
-    const vol = '([^/]+)';
-    this.route('GET', '^/v1/status$', () => this.status());
-    this.route('GET', '^/v1/volumes$', () => this.pool.volumes());
-    this.route('POST', '^/v1/volumes$', (_p, b) => {
-      const req = CreateVolume.parse(b);
-      return this.pool.create(req.name, req.size);
-    });
-    this.route('GET', `^/v1/volumes/${vol}$`, ([n]) => this.pool.info(n));
-    this.route('POST', `^/v1/volumes/${vol}/resize$`, ([n], b) => {
-      const req = ResizeVolume.parse(b);
-      return this.pool.resize(n, req.size, { force: req.force });
-    });
-    this.route('DELETE', `^/v1/volumes/${vol}$`, ([n]) => {
-      this.pool.delete(n);
-      return { deleted: n };
-    });
-    this.route('GET', '^/v1/check$', () => this.pool.check());
     this.server = http.createServer((req, res) => void this.handle(req, res));
-  }
-
-  private route(method: string, pattern: string, handler: Handler): void {
-    this.routes.push({ method, pattern: new RegExp(pattern), handler });
   }
 
   async listen(socketPath: string): Promise<void> {
@@ -70,28 +49,31 @@ export class ControlServer {
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const send = (code: number, body: unknown) => {
       res.writeHead(code, { 'content-type': 'application/json' });
-      res.end(JSON.stringify(body));
+      res.end(JSON.stringify(body ?? {}));
     };
     try {
-      const url = new URL(req.url ?? '/', 'http://local');
       const body = await readBody(req);
-      for (const r of this.routes) {
-        const m = r.pattern.exec(url.pathname);
-        if (!m || r.method !== req.method) continue;
-        const params = m.slice(1).map(decodeURIComponent);
-        return send(200, (await r.handler(params, body)) ?? {});
+      if (req.method === 'GET' && req.url === '/v1/status') return send(200, this.status());
+      if (req.method === 'POST' && req.url === '/v1/call') {
+        const call = Call.parse(body);
+        this.log.debug({ op: call.op }, 'control call');
+        return send(200, await runOperation(this.pool, call.op, call.args));
       }
-      send(404, { error: { code: 'ENOTFOUND', message: `no route ${req.method} ${url.pathname}` } });
+      send(404, { error: { code: 'ENOTFOUND', message: `no route ${req.method} ${req.url}` } });
     } catch (err) {
-      if (err instanceof PoolError) return send(STATUS[err.code] ?? 400, { error: { code: err.code, message: err.message } });
-      if (err instanceof z.ZodError) {
-        return send(400, { error: { code: 'EINVAL', message: err.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ') } });
-      }
-      if (err instanceof BodyError) return send(400, { error: { code: 'EINVAL', message: err.message } });
-      this.log.error({ err }, 'control API request failed');
-      send(500, { error: { code: 'EIO', message: (err as Error).message } });
+      const e = describeError(err);
+      if (e.status >= 500) this.log.error({ err }, 'control API request failed');
+      send(e.status, { error: { code: e.code, message: e.message } });
     }
   }
+}
+
+/** Map an error to an HTTP status and a stable code; unexpected errors are 500/EIO. */
+export function describeError(err: unknown): { status: number; code: string; message: string } {
+  if (err instanceof PoolError || err instanceof SnapshotError) return { status: STATUS[err.code] ?? 400, code: err.code, message: err.message };
+  if (err instanceof z.ZodError) return { status: 400, code: 'EINVAL', message: err.issues.map((i) => `${i.path.join('.') || 'arguments'}: ${i.message}`).join('; ') };
+  if (err instanceof BodyError) return { status: 400, code: 'EINVAL', message: err.message };
+  return { status: 500, code: 'EIO', message: (err as Error).message };
 }
 
 class BodyError extends Error {}

@@ -1,18 +1,33 @@
-// The pool catalog: which volumes exist and their sizes. One JSON file, replaced
-// atomically; it is the truth, volume files are reconciled to it on open.
+// The pool catalog: which volumes and volume types exist and how each volume is
+// configured. One JSON file, replaced atomically; a volume's blocks and snapshots
+// live in its own directory (docs/FORMAT.md).
 import fs from 'node:fs';
 import { z } from 'zod';
 import { writeFileAtomic } from './atomic-file.js';
 
 export const CATALOG_FORMAT = 'snapblock-pool';
-export const CATALOG_VERSION = 1;
+export const CATALOG_VERSION = 2;
+
+const Mode = z.enum(['row', 'cow', 'mirror']);
+
+export const VolumeType = z.object({
+  mode: Mode,
+  blockSize: z.number().int().positive(),
+  cowReserve: z.number().int().nonnegative(),
+});
+export type VolumeType = z.infer<typeof VolumeType>;
 
 const VolumeRecord = z.object({
   name: z.string(),
-  size: z.number().int().nonnegative(),
   created: z.string(),
-  /** backing file, relative to the pool directory */
-  file: z.string(),
+  /** the volume's directory, relative to the pool directory */
+  dir: z.string(),
+  mode: Mode,
+  blockSize: z.number().int().positive(),
+  cowReserve: z.number().int().nonnegative(),
+  type: z.string().optional(),
+  /** clones: the snapshot whose content shows through unwritten blocks */
+  base: z.object({ volume: z.string(), snapshot: z.string() }).optional(),
 });
 export type VolumeRecord = z.infer<typeof VolumeRecord>;
 
@@ -20,11 +35,12 @@ const CatalogSchema = z.object({
   format: z.literal(CATALOG_FORMAT),
   version: z.literal(CATALOG_VERSION),
   volumes: z.record(z.string(), VolumeRecord),
+  types: z.record(z.string(), VolumeType),
 });
 export type Catalog = z.infer<typeof CatalogSchema>;
 
 export function emptyCatalog(): Catalog {
-  return { format: CATALOG_FORMAT, version: CATALOG_VERSION, volumes: {} };
+  return { format: CATALOG_FORMAT, version: CATALOG_VERSION, volumes: {}, types: {} };
 }
 
 export function readCatalog(file: string): Catalog {
@@ -38,7 +54,7 @@ export function readCatalog(file: string): Catalog {
   const parsed = CatalogSchema.safeParse(raw);
   if (!parsed.success) {
     const v = (raw as { version?: unknown })?.version;
-    if (typeof v === 'number' && v > CATALOG_VERSION) throw new Error(`pool catalog ${file} has format version ${v}; this snapblock reads version ${CATALOG_VERSION}`);
+    if (typeof v === 'number' && v !== CATALOG_VERSION) throw new Error(`pool catalog ${file} has format version ${v}; this snapblock reads version ${CATALOG_VERSION}`);
     throw new Error(`pool catalog ${file} is invalid: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
   }
   return parsed.data;

@@ -1,11 +1,15 @@
-// A pool directory of thin volumes, each one sparse file. The pool is also the
-// ExportProvider the NBD server asks for exports: one export per volume, by name.
+// A pool directory of thin volumes. Each volume lives in its own directory in the
+// format of its snapshot technique; the catalog names them. The pool is also the
+// ExportProvider the NBD server asks for exports: VOLUME (read-write) and
+// VOLUME@SNAPSHOT (read-only), with "snapblock:changed:<snapshot>" meta contexts.
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { FileDevice, type CacheMode } from '../block/file-device.js';
-import type { ExportProvider, OpenedExport } from '../nbd/exports.js';
-import { readCatalog, writeCatalog, type Catalog, type VolumeRecord } from './catalog.js';
+import type { BlockLayer } from '../block/layer.js';
+import type { ExportProvider, MetaContextSource, OpenedExport } from '../nbd/exports.js';
+import { createVolumeFiles, openVolume } from '../storage/factory.js';
+import { SnapshotError, type ChangedExtent, type SnapshotInfo, type SnapshotMode, type Volume } from '../storage/volume.js';
+import { readCatalog, writeCatalog, type Catalog, type VolumeRecord, type VolumeType } from './catalog.js';
 import { fsyncDir } from './atomic-file.js';
 import { PoolLock } from './lock.js';
 import { PoolError, validateName } from './names.js';
@@ -14,10 +18,16 @@ export interface VolumeInfo {
   name: string;
   /** provisioned size in bytes */
   size: number;
-  /** bytes of backing storage actually allocated */
+  /** bytes of backing storage actually allocated (volume, snapshots, reserves, mirror) */
   allocated: number;
   created: string;
-  /** open NBD connections */
+  mode: SnapshotMode;
+  blockSize: number;
+  cowReserve: number;
+  type?: string;
+  base?: { volume: string; snapshot: string };
+  snapshots: number;
+  /** open NBD connections to the volume and its snapshots */
   connections: number;
 }
 
@@ -27,40 +37,44 @@ export interface CheckReport {
   repaired: string[];
 }
 
-export interface PoolOptions {
-  log: Logger;
-  cache?: CacheMode;
+export interface CreateOptions {
+  mode?: SnapshotMode;
+  blockSize?: number;
+  cowReserve?: number;
+  type?: string;
 }
 
-interface OpenVolume {
-  device: FileDevice;
-  refs: number;
-}
+export const DEFAULT_TYPE: VolumeType = { mode: 'row', blockSize: 64 * 1024, cowReserve: 1024 * 1024 * 1024 };
+export const MAX_VOLUME_SIZE = 2 ** 46; // 64 TiB: block indexes stay within u32 at 64 KiB blocks
+export const SNAPSHOT_CONTEXT_PREFIX = 'snapblock:changed:';
 
-export const MAX_VOLUME_SIZE = 2 ** 50; // 1 PiB: a sparse file on ext4 stops at 16 TiB, xfs allows more
-
+/** Changes the volume directory layout or catalog meaning: bump with docs/FORMAT.md. */
 export class Pool implements ExportProvider {
   private catalog: Catalog;
-  private readonly open_ = new Map<string, OpenVolume>();
+  private readonly opened = new Map<string, Promise<Volume>>();
+  private readonly connections = new Map<string, number>();
   private readonly lock: PoolLock;
 
   private constructor(
     readonly dir: string,
-    private readonly opts: PoolOptions,
+    private readonly log: Logger,
   ) {
     fs.mkdirSync(path.join(dir, 'volumes'), { recursive: true, mode: 0o700 });
     this.lock = PoolLock.acquire(path.join(dir, 'LOCK'));
     try {
       this.catalog = readCatalog(this.catalogPath);
-      this.reconcile();
     } catch (err) {
       this.lock.release();
       throw err;
     }
   }
 
-  static open(dir: string, opts: PoolOptions): Pool {
-    return new Pool(path.resolve(dir), opts);
+  /** Open a pool and bring its files in line with the catalog after a crash. */
+  static async open(dir: string, opts: { log: Logger }): Promise<Pool> {
+    const pool = new Pool(path.resolve(dir), opts.log);
+    const report = await pool.checkFiles(true);
+    for (const r of report.repaired) opts.log.warn({ repair: r }, 'pool repaired on open');
+    return pool;
   }
 
   get controlSocketPath(): string {
@@ -69,16 +83,6 @@ export class Pool implements ExportProvider {
 
   private get catalogPath(): string {
     return path.join(this.dir, 'catalog.json');
-  }
-
-  private filePath(rec: VolumeRecord): string {
-    return path.join(this.dir, rec.file);
-  }
-
-  /** Bring files in line with the catalog after a crash (see docs/FORMAT.md, "Recovery"). */
-  private reconcile(): void {
-    const report = this.check({ repair: true });
-    for (const r of report.repaired) this.opts.log.warn({ repair: r }, 'pool repaired on open');
   }
 
   private record(name: string): VolumeRecord {
@@ -92,160 +96,305 @@ export class Pool implements ExportProvider {
     this.catalog = next;
   }
 
-  private withVolumes(volumes: Catalog['volumes']): Catalog {
-    return { ...this.catalog, volumes };
+  /** The open volume object (opened on first use, with its clone base first). */
+  volume(name: string): Promise<Volume> {
+    const rec = this.record(name);
+    let v = this.opened.get(name);
+    if (!v) {
+      v = (async () => {
+        let base: BlockLayer | undefined;
+        if (rec.base) base = (await this.volume(rec.base.volume)).snapshotLayer(rec.base.snapshot);
+        return openVolume(rec.mode, path.join(this.dir, rec.dir), { log: this.log.child({ volume: name }), base, params: { size: 0, blockSize: rec.blockSize, cowReserve: rec.cowReserve } });
+      })();
+      this.opened.set(name, v);
+      v.catch(() => this.opened.delete(name));
+    }
+    return v;
   }
+
+  // ---- volume types ----
+
+  types(): Record<string, VolumeType> {
+    return { default: DEFAULT_TYPE, ...this.catalog.types };
+  }
+
+  createType(name: string, t: Partial<VolumeType>): VolumeType {
+    validateName('volume type', name);
+    if (name === 'default' || this.catalog.types[name]) throw new PoolError('EEXIST', `volume type "${name}" already exists`);
+    const type: VolumeType = { ...DEFAULT_TYPE, ...t };
+    checkBlockSize(type.blockSize);
+    this.save({ ...this.catalog, types: { ...this.catalog.types, [name]: type } });
+    return type;
+  }
+
+  deleteType(name: string): void {
+    if (!this.catalog.types[name]) throw new PoolError('ENOENT', `no volume type named "${name}"`);
+    const users = Object.values(this.catalog.volumes).filter((v) => v.type === name);
+    if (users.length) throw new PoolError('EBUSY', `volume type "${name}" is used by ${users.map((u) => u.name).join(', ')}`);
+    const { [name]: _gone, ...rest } = this.catalog.types;
+    this.save({ ...this.catalog, types: rest });
+  }
+
+  // ---- volumes ----
 
   list(): Array<{ name: string; description?: string }> {
-    return Object.values(this.catalog.volumes).map((v) => ({ name: v.name, description: `snapblock volume ${v.name}` }));
+    return Object.values(this.catalog.volumes).map((v) => ({ name: v.name, description: `snapblock ${v.mode} volume ${v.name}` }));
   }
 
-  volumes(): VolumeInfo[] {
-    return Object.keys(this.catalog.volumes)
-      .sort()
-      .map((n) => this.info(n));
+  async volumes(): Promise<VolumeInfo[]> {
+    return Promise.all(Object.keys(this.catalog.volumes).sort().map((n) => this.info(n)));
   }
 
-  info(name: string): VolumeInfo {
+  async info(name: string): Promise<VolumeInfo> {
     const rec = this.record(name);
-    const st = fs.statSync(this.filePath(rec));
+    const v = await this.volume(name);
     return {
-      name: rec.name,
-      size: rec.size,
-      allocated: st.blocks * 512,
+      name,
+      size: v.size,
+      allocated: v.allocatedBytes(),
       created: rec.created,
-      connections: this.open_.get(name)?.refs ?? 0,
+      mode: rec.mode,
+      blockSize: rec.blockSize,
+      cowReserve: rec.cowReserve,
+      type: rec.type,
+      base: rec.base,
+      snapshots: v.snapshots().length,
+      connections: this.connectionsTo(name),
     };
   }
 
-  create(name: string, size: number): VolumeInfo {
+  private connectionsTo(volume: string): number {
+    let n = 0;
+    for (const [exp, c] of this.connections) if (exp === volume || exp.startsWith(`${volume}@`)) n += c;
+    return n;
+  }
+
+  async create(name: string, size: number, opts: CreateOptions = {}): Promise<VolumeInfo> {
     validateName('volume', name);
     checkSize(size);
     if (this.catalog.volumes[name]) throw new PoolError('EEXIST', `volume "${name}" already exists`);
-    const rec: VolumeRecord = { name, size, created: new Date().toISOString(), file: path.join('volumes', `${name}.img`) };
-    // Data before pointer: the file exists at full size before the catalog names it.
-    const tmp = `${this.filePath(rec)}.creating`;
-    const fd = fs.openSync(tmp, 'w', 0o600);
-    try {
-      fs.ftruncateSync(fd, size);
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
+    let type = DEFAULT_TYPE;
+    if (opts.type) {
+      const t = this.types()[opts.type];
+      if (!t) throw new PoolError('ENOENT', `no volume type named "${opts.type}" (see: snapblock type list)`);
+      type = t;
     }
-    fs.renameSync(tmp, this.filePath(rec));
+    const mode = opts.mode ?? type.mode;
+    const blockSize = opts.blockSize ?? type.blockSize;
+    const cowReserve = opts.cowReserve ?? type.cowReserve;
+    checkBlockSize(blockSize);
+    const rec: VolumeRecord = { name, created: new Date().toISOString(), dir: path.join('volumes', name), mode, blockSize, cowReserve, type: opts.type };
+    this.makeVolumeDir(rec, () => createVolumeFiles(mode, path.join(this.dir, `${rec.dir}.creating`), { size, blockSize, cowReserve }));
+    this.log.info({ volume: name, size, mode, blockSize }, 'volume created');
+    return this.info(name);
+  }
+
+  /** Data before pointer: the directory is complete before the catalog names it. */
+  private makeVolumeDir(rec: VolumeRecord, build: () => void): void {
+    const final = path.join(this.dir, rec.dir);
+    const tmp = `${final}.creating`;
+    fs.rmSync(tmp, { recursive: true, force: true });
+    build();
+    fs.renameSync(tmp, final);
     fsyncDir(path.join(this.dir, 'volumes'));
-    this.save(this.withVolumes({ ...this.catalog.volumes, [name]: rec }));
-    this.opts.log.info({ volume: name, size }, 'volume created');
-    return this.info(name);
+    this.save({ ...this.catalog, volumes: { ...this.catalog.volumes, [rec.name]: rec } });
   }
 
-  resize(name: string, size: number, opts: { force?: boolean } = {}): VolumeInfo {
-    const rec = this.record(name);
+  async resize(name: string, size: number, opts: { force?: boolean } = {}): Promise<VolumeInfo> {
     checkSize(size);
-    if (size < rec.size && !opts.force) {
-      throw new PoolError('EINVAL', `shrinking "${name}" from ${rec.size} to ${size} bytes destroys data past the new end; pass --force to do it`);
+    const v = await this.volume(name);
+    if (size < v.size && !opts.force) {
+      throw new PoolError('EINVAL', `shrinking "${name}" from ${v.size} to ${size} bytes destroys data past the new end; pass --force to do it`);
     }
-    const live = this.open_.get(name);
-    if (size < rec.size && live) throw new PoolError('EBUSY', `volume "${name}" has ${live.refs} open connection(s); disconnect them before shrinking`);
-    const next = this.withVolumes({ ...this.catalog.volumes, [name]: { ...rec, size } });
-    if (size > rec.size) {
-      // Grow: file first (an unrecorded larger file is trimmed back on open).
-      this.truncate(rec, size, live);
-      this.save(next);
-    } else {
-      // Shrink: catalog first (a larger file is trimmed to the catalog on open).
-      this.save(next);
-      this.truncate(rec, size, live);
-    }
-    this.opts.log.info({ volume: name, from: rec.size, to: size }, 'volume resized');
+    if (size < v.size && this.connectionsTo(name)) throw new PoolError('EBUSY', `volume "${name}" has ${this.connectionsTo(name)} open connection(s); disconnect them before shrinking`);
+    await v.resize(size);
+    this.log.info({ volume: name, size }, 'volume resized');
     return this.info(name);
   }
 
-  private truncate(rec: VolumeRecord, size: number, live?: OpenVolume): void {
-    if (live) live.device.resize(size);
-    else fs.truncateSync(this.filePath(rec), size);
+  async delete(name: string): Promise<void> {
+    const rec = this.record(name);
+    const n = this.connectionsTo(name);
+    if (n) throw new PoolError('EBUSY', `volume "${name}" has ${n} open connection(s); disconnect them first`);
+    const clones = Object.values(this.catalog.volumes).filter((c) => c.base?.volume === name);
+    if (clones.length) throw new PoolError('EBUSY', `volume "${name}" has clones (${clones.map((c) => c.name).join(', ')}); delete or flatten them first`);
+    const v = this.opened.get(name);
+    this.opened.delete(name);
+    if (v) await (await v).close().catch(() => {});
+    // Pointer before data: once the catalog forgets it, the directory is an orphan removed on open.
+    const { [name]: _gone, ...rest } = this.catalog.volumes;
+    this.save({ ...this.catalog, volumes: rest });
+    fs.rmSync(path.join(this.dir, rec.dir), { recursive: true, force: true });
+    this.log.info({ volume: name }, 'volume deleted');
   }
 
-  delete(name: string): void {
-    const rec = this.record(name);
-    const live = this.open_.get(name);
-    if (live) throw new PoolError('EBUSY', `volume "${name}" has ${live.refs} open connection(s); disconnect them first`);
-    // Pointer before data: once the catalog forgets it, the file is an orphan removed on open.
-    const { [name]: _gone, ...rest } = this.catalog.volumes;
-    this.save(this.withVolumes(rest));
-    fs.rmSync(this.filePath(rec), { force: true });
-    this.opts.log.info({ volume: name }, 'volume deleted');
+  // ---- snapshots and clones ----
+
+  async snapshots(volume: string): Promise<SnapshotInfo[]> {
+    return (await this.volume(volume)).snapshots();
   }
+
+  async createSnapshot(volume: string, name: string): Promise<SnapshotInfo> {
+    validateName('snapshot', name);
+    const t0 = process.hrtime.bigint();
+    const s = await (await this.volume(volume)).createSnapshot(name);
+    this.log.info({ volume, snapshot: name, ms: Number(process.hrtime.bigint() - t0) / 1e6 }, 'snapshot taken');
+    return s;
+  }
+
+  async deleteSnapshot(volume: string, name: string): Promise<void> {
+    const v = await this.volume(volume);
+    v.findSnapshot(name);
+    const clones = Object.values(this.catalog.volumes).filter((c) => c.base?.volume === volume && c.base.snapshot === name);
+    if (clones.length) throw new PoolError('EBUSY', `snapshot "${volume}@${name}" has clones (${clones.map((c) => c.name).join(', ')}); delete them first`);
+    if (this.connections.get(`${volume}@${name}`)) throw new PoolError('EBUSY', `snapshot "${volume}@${name}" is exported to a connected client`);
+    await v.deleteSnapshot(name);
+  }
+
+  async rollback(volume: string, name: string, opts: { force?: boolean } = {}): Promise<void> {
+    const v = await this.volume(volume);
+    const n = this.connections.get(volume) ?? 0;
+    if (n && !opts.force) throw new PoolError('EBUSY', `volume "${volume}" has ${n} connected client(s) that would see their data change underneath; disconnect them or pass --force`);
+    await v.rollback(name);
+    this.log.info({ volume, snapshot: name }, 'volume rolled back');
+  }
+
+  async clone(volume: string, snapshot: string, name: string): Promise<VolumeInfo> {
+    validateName('volume', name);
+    if (this.catalog.volumes[name]) throw new PoolError('EEXIST', `volume "${name}" already exists`);
+    const parent = await this.volume(volume);
+    const snap = parent.findSnapshot(snapshot);
+    if (snap.status !== 'valid') throw new PoolError('EINVAL', `snapshot "${volume}@${snapshot}" is ${snap.status}`);
+    const src = this.record(volume);
+    const blockSize = src.blockSize;
+    const rec: VolumeRecord = { name, created: new Date().toISOString(), dir: path.join('volumes', name), mode: 'row', blockSize, cowReserve: src.cowReserve, base: { volume, snapshot } };
+    this.makeVolumeDir(rec, () => createVolumeFiles('row', path.join(this.dir, `${rec.dir}.creating`), { size: snap.size, blockSize, cowReserve: src.cowReserve }));
+    this.log.info({ volume: name, from: `${volume}@${snapshot}` }, 'clone created');
+    return this.info(name);
+  }
+
+  async diff(volume: string, from: string, to?: string): Promise<ChangedExtent[]> {
+    return (await this.volume(volume)).changedExtents(from, to);
+  }
+
+  // ---- NBD exports ----
 
   async open(exportName: string): Promise<OpenedExport | undefined> {
-    const rec = this.catalog.volumes[exportName];
-    if (!rec) return undefined;
-    let ov = this.open_.get(rec.name);
-    if (!ov) {
-      const device = FileDevice.open(this.filePath(rec), { cache: this.opts.cache ?? 'writeback' });
-      ov = { device, refs: 0 };
-      this.open_.set(rec.name, ov);
-      this.opts.log.debug({ volume: rec.name, direct: device.direct }, 'volume opened');
+    const at = exportName.indexOf('@');
+    const volName = at < 0 ? exportName : exportName.slice(0, at);
+    const snapName = at < 0 ? undefined : exportName.slice(at + 1);
+    if (!this.catalog.volumes[volName]) return undefined;
+    const v = await this.volume(volName);
+    const snaps = v.snapshots();
+    let layer: BlockLayer = v;
+    let contexts: SnapshotInfo[] = snaps;
+    if (snapName !== undefined) {
+      const i = snaps.findIndex((s) => s.name === snapName);
+      if (i < 0 || snaps[i].status !== 'valid') return undefined;
+      layer = v.snapshotLayer(snapName);
+      contexts = snaps.slice(0, i);
     }
-    ov.refs++;
-    const held = ov;
+    const metaContexts: MetaContextSource[] = contexts
+      .filter((s) => s.status === 'valid')
+      .map((s) => ({
+        name: `${SNAPSHOT_CONTEXT_PREFIX}${s.name}`,
+        descriptors: async (offset, length) => changedDescriptors(await v.changedExtents(s.name, snapName), offset, length),
+      }));
+    this.connections.set(exportName, (this.connections.get(exportName) ?? 0) + 1);
     let released = false;
     return {
-      name: rec.name,
-      description: `snapblock volume ${rec.name}`,
-      layer: held.device,
+      name: exportName,
+      description: snapName ? `snapshot ${snapName} of ${volName} (read-only)` : `snapblock ${v.mode} volume ${volName}`,
+      layer,
+      metaContexts,
       release: async () => {
         if (released) return;
         released = true;
-        if (--held.refs > 0) return;
-        this.open_.delete(rec.name);
-        await held.device.flush();
-        await held.device.close();
+        const n = (this.connections.get(exportName) ?? 1) - 1;
+        if (n) this.connections.set(exportName, n);
+        else this.connections.delete(exportName);
+        if (!snapName) await v.flush();
       },
     };
   }
 
+  // ---- invariants ----
+
   /** Verify the pool's invariants (docs/FORMAT.md); with repair, fix what recovery may fix. */
-  check(opts: { repair?: boolean } = {}): CheckReport {
+  async check(opts: { repair?: boolean } = {}): Promise<CheckReport> {
+    const report = await this.checkFiles(opts.repair ?? false);
+    for (const name of Object.keys(this.catalog.volumes).sort()) {
+      if (report.problems.some((p) => p.startsWith(`volume "${name}"`))) continue;
+      try {
+        for (const p of await (await this.volume(name)).check()) report.problems.push(`volume "${name}": ${p}`);
+      } catch (err) {
+        report.problems.push(`volume "${name}": cannot be opened: ${(err as Error).message}`);
+      }
+    }
+    report.ok = report.problems.length === 0;
+    return report;
+  }
+
+  private async checkFiles(repair: boolean): Promise<CheckReport> {
     const problems: string[] = [];
     const repaired: string[] = [];
     const volDir = path.join(this.dir, 'volumes');
     const known = new Set<string>();
     for (const [key, rec] of Object.entries(this.catalog.volumes)) {
       if (key !== rec.name) problems.push(`catalog key "${key}" holds volume named "${rec.name}"`);
-      known.add(path.basename(rec.file));
-      const file = this.filePath(rec);
-      if (path.dirname(path.resolve(file)) !== volDir) problems.push(`volume "${rec.name}" file ${rec.file} is outside the pool`);
-      if (!fs.existsSync(file)) {
-        problems.push(`volume "${rec.name}": backing file ${rec.file} is missing`);
-        continue;
-      }
-      const size = fs.statSync(file).size;
-      if (size !== rec.size) {
-        if (opts.repair) {
-          fs.truncateSync(file, rec.size);
-          repaired.push(`volume "${rec.name}": file size ${size} set to catalog size ${rec.size}`);
-        } else problems.push(`volume "${rec.name}": file size ${size} differs from catalog size ${rec.size}`);
-      }
+      known.add(path.basename(rec.dir));
+      if (path.dirname(path.resolve(this.dir, rec.dir)) !== volDir) problems.push(`volume "${rec.name}": directory ${rec.dir} is outside the pool`);
+      else if (!fs.existsSync(path.join(this.dir, rec.dir))) problems.push(`volume "${rec.name}": directory ${rec.dir} is missing`);
+      if (rec.base && !this.catalog.volumes[rec.base.volume]) problems.push(`volume "${rec.name}": clone parent "${rec.base.volume}" is missing`);
     }
     for (const f of fs.readdirSync(volDir)) {
       if (known.has(f)) continue;
-      if (opts.repair) {
-        fs.rmSync(path.join(volDir, f), { force: true });
-        repaired.push(`removed orphan file volumes/${f} (left by an interrupted create or delete)`);
-      } else problems.push(`orphan file volumes/${f} is not in the catalog`);
+      if (repair) {
+        fs.rmSync(path.join(volDir, f), { recursive: true, force: true });
+        repaired.push(`removed orphan volumes/${f} (left by an interrupted create or delete)`);
+      } else problems.push(`orphan volumes/${f} is not in the catalog`);
     }
     return { ok: problems.length === 0, problems, repaired };
   }
 
   async close(): Promise<void> {
-    for (const [name, ov] of this.open_) {
-      await ov.device.flush();
-      await ov.device.close();
-      this.open_.delete(name);
+    // Clones first: they read through their parents' snapshots.
+    const names = [...this.opened.keys()].sort((a, b) => Number(!!this.catalog.volumes[b]?.base) - Number(!!this.catalog.volumes[a]?.base));
+    for (const name of names) {
+      try {
+        await (await this.opened.get(name)!).close();
+      } catch (err) {
+        this.log.error({ err, volume: name }, 'closing volume failed');
+      }
     }
+    this.opened.clear();
     this.lock.release();
   }
+}
+
+/** NBD descriptors for [offset, offset+length): flag 1 where changed. */
+function changedDescriptors(changed: ChangedExtent[], offset: number, length: number): Array<{ length: number; flags: number }> {
+  const out: Array<{ length: number; flags: number }> = [];
+  const end = offset + length;
+  let at = offset;
+  const push = (len: number, flags: number) => {
+    if (len <= 0) return;
+    const last = out[out.length - 1];
+    if (last && last.flags === flags) last.length += len;
+    else out.push({ length: len, flags });
+  };
+  for (const c of changed) {
+    const cEnd = c.offset + c.length;
+    if (cEnd <= at) continue;
+    if (c.offset >= end) break;
+    push(Math.max(0, c.offset - at), 0);
+    const s = Math.max(at, c.offset);
+    const e = Math.min(end, cEnd);
+    push(e - s, 1);
+    at = e;
+  }
+  push(end - at, 0);
+  return out;
 }
 
 function checkSize(size: number): void {
@@ -253,3 +402,11 @@ function checkSize(size: number): void {
   if (size > MAX_VOLUME_SIZE) throw new PoolError('EINVAL', `volume size ${size} exceeds the maximum of ${MAX_VOLUME_SIZE} bytes`);
   if (size % 512 !== 0) throw new PoolError('EINVAL', `volume size ${size} is not a multiple of 512 bytes`);
 }
+
+function checkBlockSize(bs: number): void {
+  if (!Number.isInteger(bs) || bs < 4096 || bs > 4 * 1024 * 1024 || (bs & (bs - 1)) !== 0) {
+    throw new PoolError('EINVAL', `block size ${bs} must be a power of two between 4 KiB and 4 MiB`);
+  }
+}
+
+export { SnapshotError };

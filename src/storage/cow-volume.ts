@@ -1,0 +1,629 @@
+// Copy-on-write volume (SNIA "copy-on-write snapshot"). The live data stays in place
+// in DIR/data, a plain sparse raw image (other NBD servers can serve the same file).
+// A snapshot is a table block → reserve slot plus its own reserve file. The first
+// write to a block after a snapshot copies the block's original content into the
+// reserve of every snapshot still sharing it, makes those copies durable, and only
+// then overwrites the block in place. A snapshot's view of block L is its reserve
+// copy if it has one, else the live block (unchanged since the snapshot).
+// A reserve that fills up invalidates its snapshot; the volume keeps working.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import * as native from '../native/index.js';
+import type { Extent } from '../block/layer.js';
+import { fsyncDir } from '../pool/atomic-file.js';
+import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
+import { Journal, Kind, type Rec } from './journal.js';
+import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
+
+/** table entry slot: the original block read as zeroes, so nothing was stored */
+const HOLE = 0xffffffff;
+const FORMAT_VERSION = 1;
+const JOURNAL_LIMIT = 64 * 1024 * 1024;
+
+interface Copy {
+  slot: number;
+  /** generation of the write that caused the copy: tells "changed before b" from "after b" */
+  gen: number;
+}
+
+interface Snap {
+  id: number;
+  name: string;
+  gen: number;
+  size: number;
+  created: string;
+  status: 'valid' | 'invalid';
+  table: Map<number, Copy>;
+  fd?: number;
+  /** reserve slots below the high-water mark that nothing references (after a crash) */
+  free: number[];
+  next: number;
+  /** copies in flight into the reserve: the fd stays open until they finish */
+  busy: number;
+  dirty: boolean;
+  released: boolean;
+  /** reserve bytes its table references (kept up to date: snapshots() runs on every view read) */
+  own: number;
+}
+
+interface Meta {
+  format: 'snapblock-cow';
+  version: number;
+  epoch: number;
+  size: number;
+  blockSize: number;
+  /** bytes of reserve per snapshot */
+  reserve: number;
+  gen: number;
+  nextSnapId: number;
+  snapshots: Array<{ id: number; name: string; gen: number; size: number; created: string; status: 'valid' | 'invalid' }>;
+}
+
+type MetaRecord =
+  | { op: 'snapshot'; id: number; name: string; gen: number; size: number; created: string }
+  | { op: 'delete-snapshot'; id: number }
+  | { op: 'invalidate'; id: number; reason: string }
+  | { op: 'resize'; size: number };
+
+export interface CowOptions {
+  log: Logger;
+}
+
+export class CowVolume extends Volume {
+  readonly mode = 'cow' as const;
+  private snaps: Snap[] = [];
+  /** blocks whose original is being copied out: writers wait, then find nothing left to copy */
+  private locks = new Map<number, Promise<void>>();
+  /** snapshot reads currently reading live blocks: an overwrite waits for them */
+  private liveReads = new Set<{ first: number; last: number; done: Promise<unknown> }>();
+  private toRelease: Snap[] = [];
+  private readonly zeros: Buffer;
+  private readonly durable = new GroupCommit(() => this.commitNow());
+  private closed = false;
+
+  private constructor(
+    private readonly dir: string,
+    private meta: Meta,
+    private readonly journal: Journal,
+    private readonly fd: number,
+    private readonly opts: CowOptions,
+  ) {
+    super();
+    this.zeros = Buffer.alloc(meta.blockSize);
+  }
+
+  get size(): number {
+    return this.meta.size;
+  }
+
+  get blockSize(): number {
+    return this.meta.blockSize;
+  }
+
+  private get slots(): number {
+    return Math.floor(this.meta.reserve / this.meta.blockSize);
+  }
+
+  private reservePath(id: number): string {
+    return path.join(this.dir, `snap-${id}.reserve`);
+  }
+
+  static create(dir: string, size: number, blockSize: number, reserve: number): void {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const meta: Meta = { format: 'snapblock-cow', version: FORMAT_VERSION, epoch: 1, size, blockSize, reserve, gen: 1, nextSnapId: 1, snapshots: [] };
+    const fd = fs.openSync(path.join(dir, 'data'), 'w', 0o600);
+    fs.ftruncateSync(fd, size);
+    fs.closeSync(fd);
+    writeCheckpoint(path.join(dir, 'checkpoint'), { meta, arrays: { table: new Uint32Array(0) } });
+  }
+
+  static async open(dir: string, opts: CowOptions): Promise<CowVolume> {
+    const ck = readCheckpoint<Meta>(path.join(dir, 'checkpoint'));
+    if (ck.meta.format !== 'snapblock-cow' || ck.meta.version > FORMAT_VERSION) throw new Error(`${dir}: unsupported volume format ${ck.meta.format} v${ck.meta.version}`);
+    const { journal, records } = Journal.open(path.join(dir, 'journal'), ck.meta.epoch);
+    const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
+    const v = new CowVolume(dir, ck.meta, journal, fd, opts);
+    v.snaps = ck.meta.snapshots.map((s) => newSnap(s));
+    const t = ck.arrays.table;
+    for (let i = 0; i < t.length; i += 4) v.setCopy(v.snapById(t[i]), t[i + 1], t[i + 2], t[i + 3]);
+    for (const r of records) v.replay(r);
+    // A resize whose record did not become durable is undone.
+    if (fs.fstatSync(fd).size !== v.meta.size) fs.ftruncateSync(fd, v.meta.size);
+    await v.openReserves();
+    if (records.length) await v.quiesce(() => v.checkpoint());
+    return v;
+  }
+
+  private snapById(id: number): Snap {
+    const s = this.snaps.find((x) => x.id === id);
+    if (!s) throw new Error(`journal names unknown snapshot id ${id}`);
+    return s;
+  }
+
+  private snapByName(name: string): Snap {
+    const s = this.snaps.find((x) => x.name === name);
+    if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
+    return s;
+  }
+
+  private setCopy(s: Snap, l: number, slot: number, gen: number): void {
+    const prev = s.table.get(l);
+    if (prev && prev.slot !== HOLE) s.own -= this.meta.blockSize;
+    if (slot !== HOLE) s.own += this.meta.blockSize;
+    s.table.set(l, { slot, gen });
+  }
+
+  private replay(r: Rec): void {
+    if (r.k === Kind.COPY) {
+      const s = this.snapById(r.a);
+      if (s.status === 'valid') this.setCopy(s, r.b, r.c, r.d);
+    } else if (r.k === Kind.META) this.applyMeta(r.json as MetaRecord);
+  }
+
+  private applyMeta(m: MetaRecord): void {
+    if (m.op === 'snapshot') {
+      this.snaps.push(newSnap({ ...m, status: 'valid' }));
+      this.meta.gen = m.gen + 1;
+      this.meta.nextSnapId = Math.max(this.meta.nextSnapId, m.id + 1);
+    } else if (m.op === 'delete-snapshot') {
+      this.snaps = this.snaps.filter((s) => s.id !== m.id);
+    } else if (m.op === 'invalidate') {
+      const s = this.snapById(m.id);
+      s.status = 'invalid';
+      s.table.clear();
+      s.own = 0;
+    } else if (m.op === 'resize') {
+      this.meta.size = m.size;
+    }
+  }
+
+  /**
+   * Open each valid snapshot's reserve and rebuild its slot allocator. Slots written but
+   * never journaled (a crash before their commit) are unreferenced: cut or punch them so
+   * they hold no stale data. Reserves of invalid or deleted snapshots are removed.
+   */
+  private async openReserves(): Promise<void> {
+    const bs = this.meta.blockSize;
+    const keep = new Set<string>();
+    for (const s of this.snaps) {
+      const file = this.reservePath(s.id);
+      if (s.status !== 'valid') {
+        s.released = true;
+        continue;
+      }
+      keep.add(path.basename(file));
+      if (!fs.existsSync(file)) continue; // check() reports it; reads of copied blocks fail
+      s.fd = native.openFile(file, { direct: false, readOnly: false }).fd;
+      const used = new Set<number>();
+      for (const c of s.table.values()) if (c.slot !== HOLE) used.add(c.slot);
+      s.next = used.size ? Math.max(...used) + 1 : 0;
+      for (let p = s.next - 1; p >= 0; p--) if (!used.has(p)) s.free.push(p);
+      fs.ftruncateSync(s.fd, s.next * bs);
+      for (const e of await native.extents(s.fd, 0, s.next * bs)) {
+        if (!e.data) continue;
+        for (let p = Math.floor(e.offset / bs); p * bs < e.offset + e.length; p++) if (!used.has(p)) await native.punchHole(s.fd, p * bs, bs);
+      }
+    }
+    let removed = false;
+    for (const f of fs.readdirSync(this.dir)) {
+      if (/^snap-\d+\.reserve$/.test(f) && !keep.has(f)) {
+        fs.unlinkSync(path.join(this.dir, f));
+        removed = true;
+      }
+    }
+    if (removed) fsyncDir(this.dir);
+  }
+
+  // ---- copy-out ----
+
+  /** Valid snapshots that still share block l with the live volume. */
+  private sharers(l: number): Snap[] {
+    const out: Snap[] = [];
+    for (const s of this.snaps) if (s.status === 'valid' && l * this.meta.blockSize < s.size && !s.table.has(l)) out.push(s);
+    return out;
+  }
+
+  /** Make sure the originals of blocks first..last are preserved (durably) in every snapshot sharing them. */
+  private async preserve(first: number, last: number): Promise<void> {
+    if (!this.snaps.some((s) => s.status === 'valid')) return;
+    for (;;) {
+      const waits: Promise<void>[] = [];
+      if (this.locks.size) for (let l = first; l <= last; l++) {
+        const w = this.locks.get(l);
+        if (w) waits.push(w);
+      }
+      if (!waits.length) break;
+      await Promise.all(waits);
+    }
+    // No await between the check above and taking the locks below.
+    const jobs: Promise<void>[] = [];
+    for (let l = first; l <= last; l++) {
+      const sharers = this.sharers(l);
+      if (sharers.length) jobs.push(this.copyOut(l, sharers));
+    }
+    await Promise.all(jobs);
+  }
+
+  private async copyOut(l: number, sharers: Snap[]): Promise<void> {
+    let release!: () => void;
+    this.locks.set(l, new Promise((r) => (release = r)));
+    try {
+      const bs = this.meta.blockSize;
+      const orig = Buffer.alloc(Math.min(bs, this.meta.size - l * bs));
+      await readAt(this.fd, orig, l * bs);
+      const zero = orig.equals(this.zeros.subarray(0, orig.length));
+      await Promise.all(sharers.map((s) => this.copyInto(s, l, orig, zero)));
+      // The copies (and any invalidation) must be durable before the original can be overwritten.
+      await this.durable.request();
+      for (const r of this.liveReads) if (r.first <= l && l <= r.last) await r.done;
+    } finally {
+      this.locks.delete(l);
+      release();
+    }
+  }
+
+  private async copyInto(s: Snap, l: number, orig: Buffer, zero: boolean): Promise<void> {
+    const gen = this.meta.gen;
+    if (zero) {
+      this.setCopy(s, l, HOLE, gen);
+      this.journal.append(Kind.COPY, s.id, l, HOLE, gen);
+      return;
+    }
+    if (s.fd === undefined) {
+      this.invalidate(s, 'its reserve file is missing');
+      return;
+    }
+    const slot = s.free.pop() ?? (s.next < this.slots ? s.next++ : undefined);
+    if (slot === undefined) {
+      this.invalidate(s, `its reserve of ${this.meta.reserve} bytes is full`);
+      return;
+    }
+    s.busy++;
+    try {
+      await native.pwrite(s.fd, orig, slot * this.meta.blockSize);
+      s.dirty = true;
+    } finally {
+      s.busy--;
+      this.maybeClose(s);
+    }
+    if (s.status !== 'valid') return; // invalidated meanwhile: its reserve is going away
+    this.setCopy(s, l, slot, gen); // data before pointer: the copy is written
+    this.journal.append(Kind.COPY, s.id, l, slot, gen);
+  }
+
+  private invalidate(s: Snap, reason: string): void {
+    if (s.status !== 'valid') return;
+    s.status = 'invalid';
+    s.table.clear();
+    s.own = 0;
+    this.journal.appendMeta({ op: 'invalidate', id: s.id, reason } satisfies MetaRecord);
+    this.toRelease.push(s); // released once the invalidation is durable
+    this.opts.log.error({ snapshot: s.name, mode: 'cow', reserve: this.meta.reserve }, `snapshot "${s.name}" invalidated: ${reason}`);
+  }
+
+  /** One durability step: reserve copies synced, then their records committed, then invalid reserves released. */
+  private async commitNow(): Promise<void> {
+    const batch = this.journal.take();
+    const release = this.toRelease;
+    this.toRelease = [];
+    const syncs: Promise<void>[] = [];
+    for (const s of this.snaps) {
+      if (s.fd !== undefined && s.dirty) {
+        s.dirty = false;
+        syncs.push(native.fdatasync(s.fd));
+      }
+    }
+    await Promise.all(syncs);
+    await this.journal.commit(batch);
+    for (const s of release) this.releaseReserve(s);
+  }
+
+  private releaseReserve(s: Snap): void {
+    s.released = true;
+    fs.rmSync(this.reservePath(s.id), { force: true });
+    fsyncDir(this.dir);
+    this.maybeClose(s);
+  }
+
+  private maybeClose(s: Snap): void {
+    if (s.released && s.busy === 0 && s.fd !== undefined) {
+      native.closeFile(s.fd);
+      s.fd = undefined;
+    }
+  }
+
+  // ---- live writes ----
+
+  protected async writeLive(offset: number, data: Buffer): Promise<void> {
+    if (!data.length) return;
+    const bs = this.meta.blockSize;
+    await this.preserve(Math.floor(offset / bs), Math.floor((offset + data.length - 1) / bs));
+    await native.pwrite(this.fd, data, offset);
+  }
+
+  protected async trimLive(offset: number, length: number): Promise<void> {
+    if (!length) return;
+    const bs = this.meta.blockSize;
+    await this.preserve(Math.floor(offset / bs), Math.floor((offset + length - 1) / bs));
+    await native.punchHole(this.fd, offset, length);
+  }
+
+  // ---- reads and extents ----
+
+  async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
+    if (!snap || snap.table.size === 0) {
+      await readAt(this.fd, out, offset);
+      return out;
+    }
+    const bs = this.meta.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    const jobs: Promise<void>[] = [];
+    let runStart = -1; // a run of blocks read from the live file, contiguous in both
+    const flushRun = (upTo: number) => {
+      if (runStart >= 0) jobs.push(readAt(this.fd, out.subarray(runStart - offset, upTo - offset), runStart));
+      runStart = -1;
+    };
+    for (let l = first; l <= last; l++) {
+      const s = Math.max(offset, l * bs);
+      const e = Math.min(offset + length, (l + 1) * bs);
+      const c = snap.table.get(l);
+      if (!c) {
+        if (runStart < 0) runStart = s;
+        continue;
+      }
+      flushRun(s);
+      const dst = out.subarray(s - offset, e - offset);
+      if (c.slot === HOLE) dst.fill(0);
+      else if (snap.fd === undefined) throw new SnapshotError('EINVAL', `snapshot "${snap.name}" has lost its reserve`);
+      else jobs.push(readAt(snap.fd, dst, c.slot * bs + (s - l * bs)));
+    }
+    flushRun(offset + length);
+    const done = Promise.allSettled(jobs);
+    const entry = { first, last, done };
+    this.liveReads.add(entry);
+    try {
+      await Promise.all(jobs);
+    } finally {
+      await done;
+      this.liveReads.delete(entry);
+    }
+    return out;
+  }
+
+  async extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]> {
+    const live = await fileExtents(this.fd, offset, length);
+    const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
+    if (!snap || snap.table.size === 0) return live;
+    const bs = this.meta.blockSize;
+    const end = offset + length;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((end - 1) / bs);
+    let blocks: number[];
+    if (last - first + 1 <= snap.table.size) {
+      blocks = [];
+      for (let l = first; l <= last; l++) if (snap.table.has(l)) blocks.push(l);
+    } else blocks = [...snap.table.keys()].filter((l) => l >= first && l <= last).sort((a, b) => a - b);
+    const over = blocks.map((l) => ({ start: Math.max(offset, l * bs), end: Math.min(end, (l + 1) * bs), hole: snap.table.get(l)!.slot === HOLE }));
+    return overlay(live, over);
+  }
+
+  // ---- durability ----
+
+  async flush(): Promise<void> {
+    await native.fdatasync(this.fd);
+    await this.durable.request();
+    if (this.journal.size > JOURNAL_LIMIT) await this.quiesce(() => this.checkpoint());
+  }
+
+  /** With writes drained: write the whole state as a new checkpoint, then start a new journal epoch. */
+  private async checkpoint(): Promise<void> {
+    await native.fdatasync(this.fd);
+    await this.durable.request();
+    const table: number[] = [];
+    for (const s of this.snaps) for (const [l, c] of s.table) table.push(s.id, l, c.slot, c.gen);
+    const epoch = this.meta.epoch + 1;
+    const meta: Meta = {
+      ...this.meta,
+      epoch,
+      snapshots: this.snaps.map((s) => ({ id: s.id, name: s.name, gen: s.gen, size: s.size, created: s.created, status: s.status })),
+    };
+    writeCheckpoint(path.join(this.dir, 'checkpoint'), { meta, arrays: { table: Uint32Array.from(table) } });
+    this.meta = meta;
+    await this.journal.reset(epoch);
+  }
+
+  // ---- snapshots ----
+
+  snapshots(): SnapshotInfo[] {
+    return this.snaps.map((s) => ({ name: s.name, created: s.created, size: s.size, status: s.status, ownBytes: s.own }));
+  }
+
+  protected async snapshotNow(name: string): Promise<void> {
+    const id = this.meta.nextSnapId;
+    // The reserve exists before the record naming it; a crash in between leaves a stray file that open removes.
+    const file = this.reservePath(id);
+    fs.closeSync(fs.openSync(file, 'w', 0o600));
+    fsyncDir(this.dir);
+    const rec: MetaRecord = { op: 'snapshot', id, name, gen: this.meta.gen, size: this.meta.size, created: new Date().toISOString() };
+    this.journal.appendMeta(rec);
+    this.applyMeta(rec);
+    this.snapById(id).fd = native.openFile(file, { direct: false, readOnly: false }).fd;
+    // Every write completed before the snapshot must be durable: the snapshot reads it in place.
+    await native.fdatasync(this.fd);
+    await this.durable.request();
+    this.opts.log.info({ snapshot: name, mode: 'cow', gen: rec.gen, reserve: this.meta.reserve }, 'snapshot created');
+  }
+
+  protected async deleteSnapshotNow(name: string): Promise<void> {
+    const s = this.snapByName(name);
+    this.journal.appendMeta({ op: 'delete-snapshot', id: s.id } satisfies MetaRecord);
+    this.snaps.splice(this.snaps.indexOf(s), 1);
+    await this.durable.request();
+    this.releaseReserve(s);
+    this.opts.log.info({ snapshot: name, mode: 'cow' }, 'snapshot deleted');
+  }
+
+  async changedBlocks(from: string, to: string | undefined): Promise<ChangedExtent[]> {
+    const a = this.snapByName(from);
+    const b = to === undefined ? undefined : this.snapByName(to);
+    // The older point's table lists every block written after it, with the generation of
+    // the first such write; a block changed before the newer point iff that came first.
+    const older = b && b.gen < a.gen ? b : a;
+    const newer = older === a ? b : a;
+    if (older.status !== 'valid') throw new SnapshotError('EINVAL', `snapshot "${older.name}" is invalid: its changes are unknown`);
+    const limit = newer ? newer.gen : Infinity;
+    const changed: number[] = [];
+    for (const [l, c] of older.table) if (c.gen <= limit) changed.push(l);
+    const size = Math.min(a.size, b ? b.size : this.meta.size);
+    const bigger = Math.max(a.size, b ? b.size : this.meta.size);
+    const out = blocksToExtents(changed, this.meta.blockSize, size);
+    if (bigger > size) out.push({ offset: size, length: bigger - size });
+    return out;
+  }
+
+  async resize(size: number): Promise<void> {
+    if (size < this.meta.size && this.snaps.length) throw new SnapshotError('EBUSY', 'shrinking a volume that has snapshots is not supported: delete its snapshots first');
+    await this.quiesce(async () => {
+      const rec: MetaRecord = { op: 'resize', size };
+      // Growing: extend first, so the record never names space the file lacks. Shrinking: record first.
+      if (size > this.meta.size) fs.ftruncateSync(this.fd, size);
+      this.journal.appendMeta(rec);
+      await native.fdatasync(this.fd);
+      await this.durable.request();
+      this.applyMeta(rec);
+      if (fs.fstatSync(this.fd).size > size) fs.ftruncateSync(this.fd, size);
+    });
+  }
+
+  // ---- invariants ----
+
+  async check(): Promise<string[]> {
+    const problems: string[] = [];
+    const bs = this.meta.blockSize;
+    if (fs.fstatSync(this.fd).size !== this.meta.size) problems.push(`data file is ${fs.fstatSync(this.fd).size} bytes but the volume is ${this.meta.size}`);
+    let prevGen = 0;
+    for (const s of this.snaps) {
+      const where = `snapshot "${s.name}"`;
+      if (s.gen <= prevGen) problems.push(`${where} generation ${s.gen} is not after the previous one`);
+      prevGen = s.gen;
+      const exists = fs.existsSync(this.reservePath(s.id));
+      if (s.status === 'invalid') {
+        if (s.table.size) problems.push(`${where} is invalid but still has ${s.table.size} table entries`);
+        if (exists && !this.toRelease.includes(s)) problems.push(`${where} is invalid but its reserve file was not released`);
+        continue;
+      }
+      if (!exists) problems.push(`${where} reserve file ${path.basename(this.reservePath(s.id))} is missing`);
+      const owner = new Map<number, number>();
+      for (const [l, c] of s.table) {
+        if (l * bs >= s.size) problems.push(`${where} block ${l} lies past the snapshot's size`);
+        if (c.gen <= s.gen || c.gen > this.meta.gen) problems.push(`${where} block ${l} copied in generation ${c.gen}, outside (${s.gen}, ${this.meta.gen}]`);
+        if (c.slot === HOLE) continue;
+        if (c.slot >= this.slots) problems.push(`${where} block ${l} points outside the reserve (slot ${c.slot} of ${this.slots})`);
+        const prev = owner.get(c.slot);
+        if (prev !== undefined) problems.push(`${where} reserve slot ${c.slot} is shared by blocks ${prev} and ${l}`);
+        owner.set(c.slot, l);
+      }
+      if (s.fd === undefined) continue;
+      const fileSize = fs.fstatSync(s.fd).size;
+      for (const slot of owner.keys()) if (slot * bs >= fileSize) problems.push(`${where} reserve slot ${slot} lies past the reserve file's end`);
+      for (const e of await native.extents(s.fd, 0, Number.MAX_SAFE_INTEGER)) {
+        if (!e.data) continue;
+        for (let p = Math.floor(e.offset / bs); p * bs < e.offset + e.length; p++) if (!owner.has(p)) problems.push(`${where} reserve slot ${p} holds data but no table entry references it (leak)`);
+      }
+    }
+    const known = new Set(this.snaps.map((s) => path.basename(this.reservePath(s.id))));
+    for (const f of fs.readdirSync(this.dir)) if (/^snap-\d+\.reserve$/.test(f) && !known.has(f)) problems.push(`reserve file ${f} belongs to no snapshot`);
+    return problems;
+  }
+
+  allocatedBytes(): number {
+    let n = fs.fstatSync(this.fd).blocks * 512;
+    for (const s of this.snaps) if (s.fd !== undefined && !s.released) n += fs.fstatSync(s.fd).blocks * 512;
+    return n;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.quiesce(() => this.checkpoint());
+    this.closed = true;
+    this.journal.close();
+    for (const s of this.snaps) {
+      s.released = true;
+      this.maybeClose(s);
+    }
+    native.closeFile(this.fd);
+  }
+}
+
+function newSnap(s: { id: number; name: string; gen: number; size: number; created: string; status: 'valid' | 'invalid' }): Snap {
+  return { id: s.id, name: s.name, gen: s.gen, size: s.size, created: s.created, status: s.status, table: new Map(), free: [], next: 0, busy: 0, dirty: false, released: false, own: 0 };
+}
+
+/** Serialises durability steps; callers arriving while one is queued (not started) share it. */
+export class GroupCommit {
+  private chain: Promise<void> = Promise.resolve();
+  private queued?: Promise<void>;
+
+  constructor(private readonly step: () => Promise<void>) {}
+
+  /** Resolves once a step that started after this call has finished. */
+  request(): Promise<void> {
+    if (this.queued) return this.queued;
+    const p = this.chain.then(() => {
+      this.queued = undefined;
+      return this.step();
+    });
+    this.queued = p;
+    this.chain = p.catch(() => {});
+    return p;
+  }
+}
+
+/** pread all of buf; past the end of the file reads as zeroes. */
+export async function readAt(fd: number, buf: Buffer, at: number): Promise<void> {
+  if (!buf.length) return;
+  const n = await native.pread(fd, buf, at);
+  if (n < buf.length) buf.fill(0, n);
+}
+
+/** SEEK_DATA/SEEK_HOLE extents of a raw file as block-layer extents, covering the whole range. */
+export async function fileExtents(fd: number, offset: number, length: number): Promise<Extent[]> {
+  const out: Extent[] = [];
+  let at = offset;
+  for (const e of await native.extents(fd, offset, length)) {
+    out.push({ offset: e.offset, length: e.length, hole: !e.data, zero: !e.data });
+    at = e.offset + e.length;
+  }
+  // Past the file's end (it should not be shorter than the view) reads as zeroes.
+  if (at < offset + length) out.push({ offset: at, length: offset + length - at, hole: true, zero: true });
+  return mergeExtents(out);
+}
+
+/** Lay sorted, disjoint ranges (reserve data or recorded holes) over base extents. */
+function overlay(base: Extent[], ranges: Array<{ start: number; end: number; hole: boolean }>): Extent[] {
+  const out: Extent[] = [];
+  let ri = 0;
+  for (const e of base) {
+    const end = e.offset + e.length;
+    let at = e.offset;
+    while (at < end) {
+      while (ri < ranges.length && ranges[ri].end <= at) ri++;
+      const r = ranges[ri];
+      if (r && r.start <= at) {
+        const stop = Math.min(end, r.end);
+        out.push({ offset: at, length: stop - at, hole: r.hole, zero: r.hole });
+        at = stop;
+      } else {
+        const stop = r ? Math.min(end, r.start) : end;
+        out.push({ offset: at, length: stop - at, hole: e.hole, zero: e.zero });
+        at = stop;
+      }
+    }
+  }
+  return mergeExtents(out);
+}

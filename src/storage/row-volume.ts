@@ -1,0 +1,585 @@
+// Redirect-on-write volume. A pointer table maps each logical block to a physical
+// block of the data file, with the generation it was written in. A snapshot is O(1):
+// it records the current generation. The first write to a block shared with the
+// newest snapshot goes to a newly allocated block; the old pointer moves into that
+// snapshot's delta. A snapshot's view of block L is the first entry found in its own
+// delta, then newer snapshots' deltas, then the live table — unless that entry was
+// born after the snapshot, in which case the block did not exist yet for it.
+// Every physical block has exactly one owner: the live table or one delta.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import * as native from '../native/index.js';
+import type { BlockLayer, Extent } from '../block/layer.js';
+import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
+import { Journal, Kind, type Rec } from './journal.js';
+import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
+
+const UNALLOCATED = 0;
+/** deallocated on purpose: reads zero even where a base (clone parent) has data */
+const ZERO = 0xffffffff;
+const FORMAT_VERSION = 1;
+/** checkpoint and restart the journal once it grows past this */
+const JOURNAL_LIMIT = 64 * 1024 * 1024;
+
+interface DeltaEntry {
+  p: number; // physical block + 1
+  birth: number;
+}
+
+interface Snap {
+  id: number;
+  name: string;
+  gen: number;
+  size: number;
+  created: string;
+  delta: Map<number, DeltaEntry>;
+}
+
+interface Meta {
+  format: 'snapblock-row';
+  version: number;
+  epoch: number;
+  size: number;
+  blockSize: number;
+  gen: number;
+  nextPhysical: number;
+  nextSnapId: number;
+  snapshots: Array<{ id: number; name: string; gen: number; size: number; created: string }>;
+}
+
+type MetaRecord =
+  | { op: 'snapshot'; id: number; name: string; gen: number; size: number; created: string }
+  | { op: 'delete-snapshot'; id: number }
+  | { op: 'resize'; size: number };
+
+export interface RowOptions {
+  log: Logger;
+  /** clones: where unallocated blocks are read from */
+  base?: BlockLayer;
+}
+
+export class RowVolume extends Volume {
+  readonly mode = 'row' as const;
+  private map: Uint32Array;
+  private birth: Uint32Array;
+  private snaps: Snap[] = [];
+  private free: number[] = [];
+  /** freed blocks whose release is not durable yet: never reused before it is */
+  private pendingFree: number[] = [];
+  private locks = new Map<number, Promise<void>>();
+  private closed = false;
+
+  private constructor(
+    private readonly dir: string,
+    private meta: Meta,
+    arrays: Record<string, Uint32Array>,
+    private journal: Journal,
+    private readonly fd: number,
+    private readonly opts: RowOptions,
+  ) {
+    super();
+    this.map = arrays.map;
+    this.birth = arrays.birth;
+  }
+
+  get size(): number {
+    return this.meta.size;
+  }
+
+  get blockSize(): number {
+    return this.meta.blockSize;
+  }
+
+  private get nblocks(): number {
+    return Math.ceil(this.meta.size / this.meta.blockSize);
+  }
+
+  static create(dir: string, size: number, blockSize: number): void {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const n = Math.ceil(size / blockSize);
+    const meta: Meta = { format: 'snapblock-row', version: FORMAT_VERSION, epoch: 1, size, blockSize, gen: 1, nextPhysical: 0, nextSnapId: 1, snapshots: [] };
+    fs.closeSync(fs.openSync(path.join(dir, 'data'), 'w', 0o600));
+    writeCheckpoint(path.join(dir, 'checkpoint'), { meta, arrays: { map: new Uint32Array(n), birth: new Uint32Array(n), delta: new Uint32Array(0) } });
+  }
+
+  static async open(dir: string, opts: RowOptions): Promise<RowVolume> {
+    const ck = readCheckpoint<Meta>(path.join(dir, 'checkpoint'));
+    if (ck.meta.format !== 'snapblock-row' || ck.meta.version > FORMAT_VERSION) throw new Error(`${dir}: unsupported volume format ${ck.meta.format} v${ck.meta.version}`);
+    const { journal, records } = Journal.open(path.join(dir, 'journal'), ck.meta.epoch);
+    const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
+    const v = new RowVolume(dir, ck.meta, ck.arrays, journal, fd, opts);
+    v.loadSnapshots(ck.meta, ck.arrays.delta);
+    for (const r of records) v.replay(r);
+    await v.rebuildFreeList();
+    if (records.length) await v.checkpoint();
+    return v;
+  }
+
+  private loadSnapshots(meta: Meta, delta: Uint32Array): void {
+    this.snaps = meta.snapshots.map((s) => ({ ...s, delta: new Map() }));
+    for (let i = 0; i < delta.length; i += 4) this.snapById(delta[i]).delta.set(delta[i + 1], { p: delta[i + 2], birth: delta[i + 3] });
+  }
+
+  private snapById(id: number): Snap {
+    const s = this.snaps.find((x) => x.id === id);
+    if (!s) throw new Error(`journal names unknown snapshot id ${id}`);
+    return s;
+  }
+
+  private snapByName(name: string): Snap {
+    const s = this.snaps.find((x) => x.name === name);
+    if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
+    return s;
+  }
+
+  private replay(r: Rec): void {
+    switch (r.k) {
+      case Kind.MAP:
+        this.map[r.a] = r.b;
+        this.birth[r.a] = r.c;
+        if (r.b !== UNALLOCATED && r.b !== ZERO) this.meta.nextPhysical = Math.max(this.meta.nextPhysical, r.b);
+        break;
+      case Kind.DELTA:
+        this.snapById(r.a).delta.set(r.b, { p: r.c, birth: r.d });
+        break;
+      case Kind.UNDELTA:
+        this.snapById(r.a).delta.delete(r.b);
+        break;
+      case Kind.FREE:
+        break; // the free list is rebuilt from what nothing references
+      case Kind.META:
+        this.applyMeta(r.json as MetaRecord);
+        break;
+    }
+  }
+
+  private applyMeta(m: MetaRecord): void {
+    if (m.op === 'snapshot') {
+      this.snaps.push({ id: m.id, name: m.name, gen: m.gen, size: m.size, created: m.created, delta: new Map() });
+      this.meta.gen = m.gen + 1;
+      this.meta.nextSnapId = Math.max(this.meta.nextSnapId, m.id + 1);
+    } else if (m.op === 'delete-snapshot') {
+      this.snaps = this.snaps.filter((s) => s.id !== m.id);
+    } else if (m.op === 'resize') {
+      this.growTables(m.size);
+      this.meta.size = m.size;
+    }
+  }
+
+  private growTables(size: number): void {
+    const n = Math.ceil(size / this.meta.blockSize);
+    if (n <= this.map.length) return;
+    const map = new Uint32Array(n);
+    map.set(this.map);
+    const birth = new Uint32Array(n);
+    birth.set(this.birth);
+    this.map = map;
+    this.birth = birth;
+  }
+
+  /** Every physical block below the high-water mark that nothing owns is free; make sure it holds no old data. */
+  private async rebuildFreeList(): Promise<void> {
+    const used = new Uint8Array(this.meta.nextPhysical);
+    for (const p of this.owners()) used[p.p - 1] = 1;
+    this.free = [];
+    for (let p = this.meta.nextPhysical - 1; p >= 0; p--) if (!used[p]) this.free.push(p);
+    // Blocks written but never journaled (a crash before their flush) lie past the high-water mark.
+    const bs = this.meta.blockSize;
+    fs.ftruncateSync(this.fd, this.meta.nextPhysical * bs);
+    // Blocks freed just before a crash may still hold data: punch them before reuse.
+    const data = await native.extents(this.fd, 0, this.meta.nextPhysical * bs);
+    for (const e of data) {
+      if (!e.data) continue;
+      for (let p = Math.floor(e.offset / bs); p * bs < e.offset + e.length; p++) {
+        if (p < this.meta.nextPhysical && !used[p]) await native.punchHole(this.fd, p * bs, bs);
+      }
+    }
+  }
+
+  /** Every owned physical pointer: the live table's and each delta's. */
+  private *owners(): Generator<{ p: number; where: string }> {
+    for (let l = 0; l < this.map.length; l++) {
+      const p = this.map[l];
+      if (p !== UNALLOCATED && p !== ZERO) yield { p, where: `volume block ${l}` };
+    }
+    for (const s of this.snaps) for (const [l, e] of s.delta) yield { p: e.p, where: `snapshot "${s.name}" block ${l}` };
+  }
+
+  private allocate(): number {
+    const p = this.free.pop();
+    if (p !== undefined) return p;
+    return this.meta.nextPhysical++;
+  }
+
+  private newest(): Snap | undefined {
+    return this.snaps[this.snaps.length - 1];
+  }
+
+  /** Wait until no redirect is in progress on any block of the range. */
+  private async waitUnlocked(first: number, last: number): Promise<void> {
+    if (this.locks.size === 0) return;
+    for (let l = first; l <= last; l++) {
+      const w = this.locks.get(l);
+      if (w) await w;
+    }
+  }
+
+  // ---- live writes ----
+
+  protected async writeLive(offset: number, data: Buffer): Promise<void> {
+    const bs = this.meta.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + data.length - 1) / bs);
+    await this.waitUnlocked(first, last);
+    const newest = this.newest();
+    const inPlace: Array<{ at: number; buf: Buffer }> = [];
+    const fresh: Array<{ l: number; p: number }> = [];
+    const redirects: Promise<void>[] = [];
+    for (let l = first; l <= last; l++) {
+      const bo = l === first ? offset - l * bs : 0;
+      const start = l * bs + bo - offset;
+      const n = Math.min(bs - bo, data.length - start);
+      const slice = data.subarray(start, start + n);
+      const cur = this.map[l];
+      const shared = newest !== undefined && this.birth[l] <= newest.gen;
+      if (cur !== UNALLOCATED && cur !== ZERO && !shared) {
+        inPlace.push({ at: (cur - 1) * bs + bo, buf: slice });
+      } else if ((cur === ZERO || cur === UNALLOCATED) && (n === bs || cur === ZERO || !this.opts.base)) {
+        // A fresh or punched block reads as zeroes outside what we write.
+        const p = this.allocate();
+        this.map[l] = p + 1;
+        this.birth[l] = this.meta.gen;
+        fresh.push({ l, p: p + 1 });
+        inPlace.push({ at: p * bs + bo, buf: slice });
+      } else {
+        redirects.push(this.redirect(l, bo, slice, newest));
+      }
+    }
+    await Promise.all([writeRuns(this.fd, inPlace), ...redirects]);
+    // Pointers reach the journal only once their data is written (data before pointer).
+    for (const f of fresh) this.journal.append(Kind.MAP, f.l, f.p, this.birth[f.l]);
+  }
+
+  /** Copy-merge a block into a newly allocated one: shared with a snapshot, or a clone block still in its base. */
+  private async redirect(l: number, bo: number, slice: Buffer, newest: Snap | undefined): Promise<void> {
+    const bs = this.meta.blockSize;
+    const old = this.map[l];
+    const oldBirth = this.birth[l];
+    const p = this.allocate();
+    this.map[l] = p + 1;
+    this.birth[l] = this.meta.gen;
+    let release!: () => void;
+    this.locks.set(l, new Promise((r) => (release = r)));
+    try {
+      const len = Math.min(bs, this.meta.size - l * bs);
+      let block: Buffer;
+      if (slice.length === len) block = slice;
+      else {
+        block = Buffer.alloc(len);
+        if (old !== UNALLOCATED && old !== ZERO) await native.pread(this.fd, block, (old - 1) * bs);
+        else if (old === UNALLOCATED && this.opts.base) (await this.opts.base.read(l * bs, len)).copy(block);
+        slice.copy(block, bo);
+      }
+      await native.pwrite(this.fd, block, p * bs);
+      this.journal.append(Kind.MAP, l, p + 1, this.meta.gen);
+      if (old !== UNALLOCATED && old !== ZERO) {
+        // The old block now belongs to the newest snapshot (the only one that can be sharing it).
+        if (newest && oldBirth <= newest.gen && !newest.delta.has(l)) {
+          newest.delta.set(l, { p: old, birth: oldBirth });
+          this.journal.append(Kind.DELTA, newest.id, l, old, oldBirth);
+        } else this.release(old);
+      }
+    } finally {
+      this.locks.delete(l);
+      release();
+    }
+  }
+
+  private release(p1: number): void {
+    this.journal.append(Kind.FREE, p1 - 1);
+    this.pendingFree.push(p1 - 1);
+  }
+
+  protected async trimLive(offset: number, length: number): Promise<void> {
+    const bs = this.meta.blockSize;
+    const end = offset + length;
+    const first = Math.ceil(offset / bs);
+    const lastFull = Math.floor(end / bs) - 1;
+    // Partial blocks at the edges are zeroed by writing.
+    const headEnd = Math.min(end, first * bs);
+    if (headEnd > offset) await this.zeroPartial(offset, headEnd - offset);
+    const tailStart = Math.max(offset, (lastFull + 1) * bs);
+    if (end > tailStart && tailStart >= headEnd) await this.zeroPartial(tailStart, end - tailStart);
+    if (lastFull < first) return;
+    await this.waitUnlocked(first, lastFull);
+    const newest = this.newest();
+    const marker = this.opts.base ? ZERO : UNALLOCATED;
+    for (let l = first; l <= lastFull; l++) {
+      const cur = this.map[l];
+      if (cur === marker) continue;
+      if (cur !== UNALLOCATED && cur !== ZERO) {
+        if (newest && this.birth[l] <= newest.gen && !newest.delta.has(l)) {
+          newest.delta.set(l, { p: cur, birth: this.birth[l] });
+          this.journal.append(Kind.DELTA, newest.id, l, cur, this.birth[l]);
+        } else this.release(cur);
+      }
+      this.map[l] = marker;
+      this.birth[l] = this.meta.gen;
+      this.journal.append(Kind.MAP, l, marker, this.meta.gen);
+    }
+  }
+
+  private async zeroPartial(offset: number, length: number): Promise<void> {
+    const l = Math.floor(offset / this.meta.blockSize);
+    if (this.map[l] === UNALLOCATED && !this.opts.base) return; // already reads as zeroes
+    if (this.map[l] === ZERO) return;
+    await this.writeLive(offset, Buffer.alloc(length));
+  }
+
+  // ---- reads and extents, live or of a snapshot ----
+
+  /** The pointer a view sees for block l (UNALLOCATED: falls through to the base or zeroes). */
+  private resolve(snap: Snap | undefined, l: number): number {
+    if (!snap) return this.map[l];
+    for (let i = this.snaps.indexOf(snap); i < this.snaps.length; i++) {
+      const e = this.snaps[i].delta.get(l);
+      if (e) return e.birth <= snap.gen ? e.p : UNALLOCATED;
+    }
+    return this.birth[l] <= snap.gen ? this.map[l] : UNALLOCATED;
+  }
+
+  async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
+    const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
+    const bs = this.meta.blockSize;
+    const out = Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    await this.waitUnlocked(first, last);
+    const runs: Array<{ at: number; buf: Buffer }> = [];
+    const baseReads: Promise<void>[] = [];
+    for (let l = first; l <= last; l++) {
+      const bo = l === first ? offset - l * bs : 0;
+      const start = l * bs + bo - offset;
+      const n = Math.min(bs - bo, length - start);
+      const dst = out.subarray(start, start + n);
+      const p = this.resolve(snap, l);
+      if (p !== UNALLOCATED && p !== ZERO) runs.push({ at: (p - 1) * bs + bo, buf: dst });
+      else if (p === UNALLOCATED && this.opts.base && l * bs + bo < this.opts.base.size) {
+        baseReads.push(this.opts.base.read(l * bs + bo, n).then((b) => void b.copy(dst)));
+      } else dst.fill(0);
+    }
+    await Promise.all([readRuns(this.fd, runs), ...baseReads]);
+    return out;
+  }
+
+  async extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]> {
+    const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
+    const bs = this.meta.blockSize;
+    const out: Extent[] = [];
+    const end = offset + length;
+    for (let l = Math.floor(offset / bs); l * bs < end; l++) {
+      const s = Math.max(offset, l * bs);
+      const e = Math.min(end, (l + 1) * bs);
+      const p = this.resolve(snap, l);
+      if (p === UNALLOCATED && this.opts.base) {
+        for (const b of await this.opts.base.extents(s, e - s)) out.push(b);
+      } else {
+        const hole = p === UNALLOCATED || p === ZERO;
+        out.push({ offset: s, length: e - s, hole, zero: hole });
+      }
+      if (out.length > 4096) break; // enough for one reply; the client asks again
+    }
+    return mergeExtents(out);
+  }
+
+  // ---- durability ----
+
+  async flush(): Promise<void> {
+    const batch = this.journal.take();
+    const freed = this.pendingFree;
+    this.pendingFree = [];
+    await native.fdatasync(this.fd);
+    await this.journal.commit(batch);
+    // Released blocks are durable as free now: scrub, then allow reuse.
+    for (const p of freed) await native.punchHole(this.fd, p * this.meta.blockSize, this.meta.blockSize);
+    this.free.push(...freed);
+    if (this.journal.size > JOURNAL_LIMIT) await this.quiesce(() => this.checkpoint());
+  }
+
+  /** Write the whole state as a new checkpoint, then start a new journal epoch. */
+  private async checkpoint(): Promise<void> {
+    await this.flushNoCheckpoint();
+    const delta: number[] = [];
+    for (const s of this.snaps) for (const [l, e] of s.delta) delta.push(s.id, l, e.p, e.birth);
+    const epoch = this.meta.epoch + 1;
+    const meta: Meta = { ...this.meta, epoch, snapshots: this.snaps.map(({ delta: _d, ...rest }) => rest) };
+    writeCheckpoint(path.join(this.dir, 'checkpoint'), { meta, arrays: { map: this.map, birth: this.birth, delta: Uint32Array.from(delta) } });
+    this.meta = meta;
+    await this.journal.reset(epoch);
+  }
+
+  private async flushNoCheckpoint(): Promise<void> {
+    const batch = this.journal.take();
+    const freed = this.pendingFree;
+    this.pendingFree = [];
+    await native.fdatasync(this.fd);
+    await this.journal.commit(batch);
+    for (const p of freed) await native.punchHole(this.fd, p * this.meta.blockSize, this.meta.blockSize);
+    this.free.push(...freed);
+  }
+
+  // ---- snapshots ----
+
+  snapshots(): SnapshotInfo[] {
+    return this.snaps.map((s) => ({ name: s.name, created: s.created, size: s.size, status: 'valid' as const, ownBytes: s.delta.size * this.meta.blockSize }));
+  }
+
+  protected async snapshotNow(name: string): Promise<void> {
+    const rec: MetaRecord = { op: 'snapshot', id: this.meta.nextSnapId, name, gen: this.meta.gen, size: this.meta.size, created: new Date().toISOString() };
+    this.journal.appendMeta(rec);
+    this.applyMeta(rec);
+    await this.flushNoCheckpoint();
+    this.opts.log.info({ snapshot: name, mode: 'row', gen: rec.gen }, 'snapshot created');
+  }
+
+  protected async deleteSnapshotNow(name: string): Promise<void> {
+    const s = this.snapByName(name);
+    const i = this.snaps.indexOf(s);
+    const older = i > 0 ? this.snaps[i - 1] : undefined;
+    for (const [l, e] of s.delta) {
+      if (older && e.birth <= older.gen && !older.delta.has(l)) {
+        older.delta.set(l, e);
+        this.journal.append(Kind.DELTA, older.id, l, e.p, e.birth);
+      } else this.release(e.p);
+    }
+    this.journal.appendMeta({ op: 'delete-snapshot', id: s.id });
+    this.snaps.splice(i, 1);
+    await this.flushNoCheckpoint();
+    this.opts.log.info({ snapshot: name, mode: 'row' }, 'snapshot deleted');
+  }
+
+  async changedBlocks(from: string, to: string | undefined): Promise<ChangedExtent[]> {
+    const a = this.snapByName(from);
+    const b = to === undefined ? undefined : this.snapByName(to);
+    const candidates = new Set<number>();
+    for (let i = this.snaps.indexOf(a); i < this.snaps.length; i++) for (const l of this.snaps[i].delta.keys()) candidates.add(l);
+    for (let l = 0; l < this.map.length; l++) if (this.birth[l] > a.gen) candidates.add(l);
+    const size = Math.min(a.size, b ? b.size : this.meta.size);
+    const changed: number[] = [];
+    for (const l of candidates) if (l * this.meta.blockSize < size && this.resolve(a, l) !== this.resolve(b, l)) changed.push(l);
+    // Blocks past the older view's end count as changed when the newer one is larger.
+    const bigger = b ? b.size : this.meta.size;
+    const out = blocksToExtents(changed, this.meta.blockSize, size);
+    if (bigger > a.size) out.push({ offset: a.size, length: bigger - a.size });
+    return out;
+  }
+
+  async resize(size: number): Promise<void> {
+    if (size < this.meta.size && this.snaps.length) throw new SnapshotError('EBUSY', 'shrinking a volume that has snapshots is not supported: delete its snapshots first');
+    await this.quiesce(async () => {
+      if (size < this.meta.size) {
+        const bs = this.meta.blockSize;
+        for (let l = Math.ceil(size / bs); l < this.map.length; l++) {
+          const cur = this.map[l];
+          if (cur !== UNALLOCATED && cur !== ZERO) this.release(cur);
+          this.map[l] = UNALLOCATED;
+          this.journal.append(Kind.MAP, l, UNALLOCATED, this.meta.gen);
+        }
+        if (size % bs) await this.zeroPartial(size, bs - (size % bs));
+      }
+      const rec: MetaRecord = { op: 'resize', size };
+      this.journal.appendMeta(rec);
+      this.applyMeta(rec);
+      await this.flushNoCheckpoint();
+    });
+  }
+
+  // ---- invariants ----
+
+  async check(): Promise<string[]> {
+    const problems: string[] = [];
+    const owner = new Map<number, string>();
+    for (const o of this.owners()) {
+      if (o.p - 1 >= this.meta.nextPhysical) problems.push(`${o.where} points past the allocated area (block ${o.p - 1})`);
+      const prev = owner.get(o.p);
+      if (prev) problems.push(`physical block ${o.p - 1} is owned twice: by ${prev} and ${o.where}`);
+      owner.set(o.p, o.where);
+    }
+    for (let l = 0; l < this.map.length; l++) if (this.birth[l] > this.meta.gen) problems.push(`volume block ${l} born in future generation ${this.birth[l]}`);
+    let prevGen = 0;
+    for (const s of this.snaps) {
+      if (s.gen <= prevGen) problems.push(`snapshot "${s.name}" generation ${s.gen} is not after the previous one`);
+      prevGen = s.gen;
+      for (const [l, e] of s.delta) if (e.birth > s.gen) problems.push(`snapshot "${s.name}" block ${l} holds a block born after it`);
+    }
+    // No leaked space: every allocated region of the data file is owned.
+    const bs = this.meta.blockSize;
+    const pendingFree = new Set(this.pendingFree);
+    for (const e of await native.extents(this.fd, 0, Number.MAX_SAFE_INTEGER)) {
+      if (!e.data) continue;
+      for (let p = Math.floor(e.offset / bs); p * bs < e.offset + e.length; p++) {
+        if (!owner.has(p + 1) && !pendingFree.has(p)) problems.push(`physical block ${p} holds data but nothing owns it (leak)`);
+      }
+    }
+    return problems;
+  }
+
+  allocatedBytes(): number {
+    return fs.fstatSync(this.fd).blocks * 512;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.quiesce(() => this.checkpoint());
+    this.closed = true;
+    this.journal.close();
+    native.closeFile(this.fd);
+  }
+}
+
+/** pwrite each piece, merging pieces that are contiguous on disk into one vectored write. */
+async function writeRuns(fd: number, pieces: Array<{ at: number; buf: Buffer }>): Promise<void> {
+  const jobs: Promise<void>[] = [];
+  for (let i = 0; i < pieces.length; ) {
+    let j = i + 1;
+    let end = pieces[i].at + pieces[i].buf.length;
+    while (j < pieces.length && pieces[j].at === end) end += pieces[j++].buf.length;
+    jobs.push(j - i === 1 ? native.pwrite(fd, pieces[i].buf, pieces[i].at) : native.pwritev(fd, pieces.slice(i, j).map((x) => x.buf), pieces[i].at));
+    i = j;
+  }
+  await Promise.all(jobs);
+}
+
+/** pread into each destination, merging pieces contiguous on disk; zero-fill past EOF. */
+async function readRuns(fd: number, pieces: Array<{ at: number; buf: Buffer }>): Promise<void> {
+  const jobs: Promise<void>[] = [];
+  for (let i = 0; i < pieces.length; ) {
+    let j = i + 1;
+    let end = pieces[i].at + pieces[i].buf.length;
+    while (j < pieces.length && pieces[j].at === end) end += pieces[j++].buf.length;
+    const group = pieces.slice(i, j);
+    const at = pieces[i].at;
+    const want = end - at;
+    jobs.push(
+      (group.length === 1 ? native.pread(fd, group[0].buf, at) : native.preadv(fd, group.map((x) => x.buf), at)).then((n) => {
+        if (n < want) zeroFrom(group, n);
+      }),
+    );
+    i = j;
+  }
+  await Promise.all(jobs);
+}
+
+function zeroFrom(group: Array<{ buf: Buffer }>, n: number): void {
+  let skip = n;
+  for (const g of group) {
+    if (skip >= g.buf.length) {
+      skip -= g.buf.length;
+      continue;
+    }
+    g.buf.fill(0, skip);
+    skip = 0;
+  }
+}

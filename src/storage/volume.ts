@@ -1,0 +1,280 @@
+// What every snapshot technique shares: the write gate that makes snapshots
+// crash-consistent, read-only snapshot views, rollback and changed-extent reports.
+// A technique (row, cow, mirror) supplies the block-level mechanics.
+import type { BlockLayer, Capabilities, Extent, WriteFlags, ZeroFlags } from '../block/layer.js';
+import { BlockError } from '../block/layer.js';
+
+export type SnapshotMode = 'row' | 'cow' | 'mirror';
+export const SNAPSHOT_MODES: readonly SnapshotMode[] = ['row', 'cow', 'mirror'];
+
+export interface SnapshotInfo {
+  name: string;
+  created: string;
+  /** provisioned size of the volume when the snapshot was taken */
+  size: number;
+  status: 'valid' | 'invalid';
+  /** bytes of storage that only this snapshot holds */
+  ownBytes: number;
+}
+
+export interface ChangedExtent {
+  offset: number;
+  length: number;
+}
+
+export class SnapshotError extends Error {
+  constructor(
+    readonly code: 'ENOENT' | 'EEXIST' | 'EINVAL' | 'EBUSY',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'SnapshotError';
+  }
+}
+
+/** A snapshot technique's view of one point in time, or of the live volume (snapshot undefined). */
+export interface ViewOps {
+  readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer>;
+  extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]>;
+}
+
+export abstract class Volume implements BlockLayer, ViewOps {
+  abstract readonly mode: SnapshotMode;
+  abstract get size(): number;
+  abstract readonly blockSize: number;
+  readonly caps: Capabilities = { readOnly: false, multiConn: true, trim: true, zero: true, fastZero: true, fua: true, cache: true, extents: true };
+
+  private inflight = 0;
+  private gate?: Promise<void>;
+  private drained?: () => void;
+
+  // ---- technique hooks ----
+  protected abstract writeLive(offset: number, data: Buffer): Promise<void>;
+  protected abstract trimLive(offset: number, length: number, zero: boolean): Promise<void>;
+  abstract readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer>;
+  abstract extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]>;
+  /** make every completed write and its metadata durable */
+  abstract flush(): Promise<void>;
+  abstract snapshots(): SnapshotInfo[];
+  /** called with writes drained; must make every completed write and the snapshot durable before it resolves */
+  protected abstract snapshotNow(name: string): Promise<void>;
+  protected abstract deleteSnapshotNow(name: string): Promise<void>;
+  /** block-aligned ranges whose content differs between two points (undefined = live volume) */
+  abstract changedBlocks(from: string, to: string | undefined): Promise<ChangedExtent[]>;
+  abstract check(): Promise<string[]>;
+  /** grow (or, without snapshots, shrink) the live volume */
+  abstract resize(size: number): Promise<void>;
+  abstract allocatedBytes(): number;
+  abstract close(): Promise<void>;
+
+  // ---- BlockLayer ----
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.readView(undefined, offset, length);
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.extentsView(undefined, offset, length);
+  }
+
+  async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    await this.admit();
+    try {
+      await this.writeLive(offset, data);
+    } finally {
+      this.leave();
+    }
+    if (flags.fua) await this.flush();
+  }
+
+  async trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+    await this.admit();
+    try {
+      await this.trimLive(offset, length, false);
+    } finally {
+      this.leave();
+    }
+    if (flags.fua) await this.flush();
+  }
+
+  async zero(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    if (!flags.mayTrim && flags.fast) throw new BlockError('ENOTSUP', 'zeroing without deallocating is not fast here');
+    await this.admit();
+    try {
+      if (flags.mayTrim) await this.trimLive(offset, length, true);
+      else await this.writeZeroes(offset, length);
+    } finally {
+      this.leave();
+    }
+    if (flags.fua) await this.flush();
+  }
+
+  private async writeZeroes(offset: number, length: number): Promise<void> {
+    const step = 4 * 1024 * 1024;
+    const zeros = Buffer.alloc(Math.min(step, length));
+    for (let at = offset; at < offset + length; at += step) {
+      await this.writeLive(at, zeros.subarray(0, Math.min(step, offset + length - at)));
+    }
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    const step = 4 * 1024 * 1024;
+    for (let at = offset; at < offset + length; at += step) await this.read(at, Math.min(step, offset + length - at));
+  }
+
+  // ---- write gate: snapshots see every write acknowledged before them and none after ----
+  private async admit(): Promise<void> {
+    while (this.gate) await this.gate;
+    this.inflight++;
+  }
+
+  private leave(): void {
+    if (--this.inflight === 0) this.drained?.();
+  }
+
+  /** Run fn with no write in flight and new writes held back. */
+  protected async quiesce<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate;
+    let open!: () => void;
+    this.gate = new Promise((r) => (open = r));
+    try {
+      if (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
+      this.drained = undefined;
+      return await fn();
+    } finally {
+      this.gate = undefined;
+      open();
+    }
+  }
+
+  // ---- snapshot operations ----
+  findSnapshot(name: string): SnapshotInfo {
+    const s = this.snapshots().find((x) => x.name === name);
+    if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
+    return s;
+  }
+
+  async createSnapshot(name: string): Promise<SnapshotInfo> {
+    if (this.snapshots().some((s) => s.name === name)) throw new SnapshotError('EEXIST', `snapshot "${name}" already exists`);
+    await this.quiesce(() => this.snapshotNow(name));
+    return this.findSnapshot(name);
+  }
+
+  async deleteSnapshot(name: string): Promise<void> {
+    this.findSnapshot(name);
+    await this.quiesce(() => this.deleteSnapshotNow(name));
+  }
+
+  /**
+   * Make the live volume read exactly as the snapshot: every changed range is
+   * rewritten through the normal write path, so newer snapshots keep their content.
+   */
+  async rollback(name: string, onProgress?: (done: number, total: number) => void): Promise<void> {
+    const snap = this.findSnapshot(name);
+    if (snap.status !== 'valid') throw new SnapshotError('EINVAL', `snapshot "${name}" is ${snap.status}; it cannot be rolled back to`);
+    if (snap.size !== this.size) throw new SnapshotError('EINVAL', `snapshot "${name}" has size ${snap.size} but the volume has ${this.size}; resize the volume back first`);
+    const changed = await this.changedBlocks(name, undefined);
+    const total = changed.reduce((n, c) => n + c.length, 0);
+    let done = 0;
+    const step = 4 * 1024 * 1024;
+    for (const c of changed) {
+      for (let at = c.offset; at < c.offset + c.length; at += step) {
+        const n = Math.min(step, c.offset + c.length - at);
+        const ext = await this.extentsView(name, at, n);
+        for (const e of ext) {
+          if (e.zero) await this.zero(e.offset, e.length, { mayTrim: true });
+          else await this.write(e.offset, await this.readView(name, e.offset, e.length));
+        }
+        done += n;
+        onProgress?.(done, total);
+      }
+    }
+    await this.flush();
+  }
+
+  /** Changed extents between two points, clipped to the smaller size, for humans and NBD. */
+  async changedExtents(from: string, to: string | undefined): Promise<ChangedExtent[]> {
+    this.findSnapshot(from);
+    if (to !== undefined) this.findSnapshot(to);
+    return this.changedBlocks(from, to);
+  }
+
+  /** A read-only block layer showing the snapshot as it was when taken. */
+  snapshotLayer(name: string): BlockLayer {
+    const info = this.findSnapshot(name);
+    if (info.status !== 'valid') throw new SnapshotError('EINVAL', `snapshot "${name}" is ${info.status}`);
+    return new SnapshotView(this, name, info.size);
+  }
+}
+
+/** A snapshot as a read-only BlockLayer (NBD exports VOLUME@SNAPSHOT, clone bases, backups). */
+export class SnapshotView implements BlockLayer {
+  readonly caps: Capabilities = { readOnly: true, multiConn: true, trim: false, zero: false, fastZero: false, fua: false, cache: true, extents: true };
+
+  constructor(
+    private readonly volume: Volume,
+    readonly snapshot: string,
+    readonly size: number,
+  ) {}
+
+  private valid(): void {
+    const s = this.volume.snapshots().find((x) => x.name === this.snapshot);
+    if (!s) throw new BlockError('EIO', `snapshot "${this.snapshot}" no longer exists`);
+    if (s.status !== 'valid') throw new BlockError('EIO', `snapshot "${this.snapshot}" is ${s.status}`);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.valid();
+    const data = await this.volume.readView(this.snapshot, offset, length);
+    this.valid(); // invalidated while we read (COW reserve overflow): the data cannot be trusted
+    return data;
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    this.valid();
+    return this.volume.extentsView(this.snapshot, offset, length);
+  }
+
+  private refuse(): never {
+    throw new BlockError('EPERM', `snapshot "${this.snapshot}" is read-only`);
+  }
+
+  async write(): Promise<void> {
+    this.refuse();
+  }
+  async trim(): Promise<void> {
+    this.refuse();
+  }
+  async zero(): Promise<void> {
+    this.refuse();
+  }
+  async flush(): Promise<void> {}
+  async cache(): Promise<void> {}
+  async close(): Promise<void> {}
+}
+
+/** Merge adjacent extents of the same kind. */
+export function mergeExtents(list: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of list) {
+    if (e.length <= 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.hole === e.hole && last.zero === e.zero && last.offset + last.length === e.offset) last.length += e.length;
+    else out.push({ ...e });
+  }
+  return out;
+}
+
+/** Turn a sorted list of block indexes into byte extents clipped to size. */
+export function blocksToExtents(blocks: Iterable<number>, blockSize: number, size: number): ChangedExtent[] {
+  const sorted = [...blocks].sort((a, b) => a - b);
+  const out: ChangedExtent[] = [];
+  for (const b of sorted) {
+    const off = b * blockSize;
+    if (off >= size) continue;
+    const len = Math.min(blockSize, size - off);
+    const last = out[out.length - 1];
+    if (last && last.offset + last.length === off) last.length += len;
+    else out.push({ offset: off, length: len });
+  }
+  return out;
+}
