@@ -54,9 +54,10 @@ t0=$(date +%s.%N)
 elapsed() { awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 
 # --- Debian packages (apt-get update only when something is missing) ---------
+installed=$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${PKGS[@]}" 2>/dev/null || true)
 missing=()
 for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  grep -qx "$p installed" <<<"$installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
@@ -153,7 +154,8 @@ rgw_ok() { curl -sf -m 2 -o /dev/null "http://127.0.0.1:$RGW_PORT/"; }
 # --- already running? --------------------------------------------------------
 if [ -f "$D/ports" ]; then
   . "$D/ports"
-  if running mon && running osd && running rgw && rgw_ok; then
+  if running mon && running osd && running rgw && rgw_ok &&
+     [ "$(cat "$D/user" 2>/dev/null)" = "$ACCESS_KEY $SECRET_KEY" ]; then
     log "already running (S3 on 127.0.0.1:$RGW_PORT)"
     write_env
     exit 0
@@ -265,7 +267,7 @@ done
 for n in mon osd rgw; do running $n && STARTED+=" $n"; done
 running mon || start_daemon mon ceph-mon -f -c "$CONF" -i "$MON_ID"
 if [ -n "${mkfs_job:-}" ]; then
-  id=$(C osd new "$osd_uuid" "$OSD_ID" 2>"$D/log/osd-new.out") \
+  C osd new "$osd_uuid" "$OSD_ID" >/dev/null 2>"$D/log/osd-new.out" \
     || { cat "$D/log/osd-new.out" >&2; tail_log mon; die "ceph osd new failed (is the mon up?)"; }
   log "mon up ($(elapsed) s)"
   wait "$mkfs_job" || { tail -n 20 "$D/log/osd-mkfs.out" >&2; tail_log osd; die "ceph-osd --mkfs failed"; }
@@ -295,12 +297,12 @@ if [ -n "${rbd_job:-}" ]; then
 fi
 
 # --- S3 user (once) ------------------------------------------------------------
-if [ ! -f "$D/user" ] || [ "$(cat "$D/user")" != "$ACCESS_KEY" ]; then
+if [ "$(cat "$D/user" 2>/dev/null)" != "$ACCESS_KEY $SECRET_KEY" ]; then
   admin() { timeout 60 radosgw-admin -c "$CONF" -n client.admin "$@" 2>&1; }
   out=$(admin user create --uid snapblock --display-name snapblock --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY") \
     || out=$(admin key create --uid snapblock --key-type s3 --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY") \
     || { echo "$out" >&2; tail_log rgw; die "radosgw-admin user create failed"; }
-  echo "$ACCESS_KEY" >"$D/user"
+  echo "$ACCESS_KEY $SECRET_KEY" >"$D/user"
 fi
 touch "$D/bootstrapped"
 log "ready: S3 on http://127.0.0.1:$RGW_PORT, CEPH_CONF=$CONF ($(elapsed) s)"

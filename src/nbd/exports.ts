@@ -19,7 +19,7 @@ export interface OpenedExport {
 }
 
 export interface ExportProvider {
-  list(): Array<{ name: string; description?: string }>;
+  list(): Promise<Array<{ name: string; description?: string }>>;
   /** undefined when no export has that name */
   open(name: string): Promise<OpenedExport | undefined>;
 }

@@ -158,7 +158,7 @@ export async function negotiate(raw: net.Socket, cfg: HandshakeConfig): Promise<
 
       case Opt.LIST: {
         if (len !== 0) { replyError(opt, Rep.ERR_INVALID, 'LIST takes no data'); break; }
-        for (const e of cfg.exports.list()) {
+        for (const e of await cfg.exports.list()) {
           const name = Buffer.from(e.name);
           const b = Buffer.allocUnsafe(4 + name.length);
           b.writeUInt32BE(name.length, 0);

@@ -137,8 +137,15 @@ export class Pool implements ExportProvider {
 
   // ---- volumes ----
 
-  list(): Array<{ name: string; description?: string }> {
-    return Object.values(this.catalog.volumes).map((v) => ({ name: v.name, description: `snapblock ${v.mode} volume ${v.name}` }));
+  /** Exports for NBD_OPT_LIST: every volume and every valid snapshot. */
+  async list(): Promise<Array<{ name: string; description?: string }>> {
+    const out: Array<{ name: string; description?: string }> = [];
+    for (const v of Object.values(this.catalog.volumes)) {
+      out.push({ name: v.name, description: `snapblock ${v.mode} volume ${v.name}` });
+      const snaps = (await this.volume(v.name)).snapshots().filter((s) => s.status === 'valid');
+      for (const s of snaps) out.push({ name: `${v.name}@${s.name}`, description: `snapshot ${s.name} of ${v.name} (read-only)` });
+    }
+    return out;
   }
 
   async volumes(): Promise<VolumeInfo[]> {

@@ -24,6 +24,18 @@ export function cli(pool: string, args: string[]): CliResult {
   return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** Like cli() but without blocking the event loop (for tests that watch other processes meanwhile). */
+export function cliAsync(pool: string, args: string[]): Promise<CliResult> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [CLI, '--pool', pool, ...args], { env: { ...process.env, SNAPBLOCK_LOG_LEVEL: 'warn' } });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (c) => (stdout += c));
+    p.stderr.on('data', (c) => (stderr += c));
+    p.once('exit', (code) => resolve({ status: code ?? -1, stdout, stderr }));
+  });
+}
+
 export interface RunningServer {
   pool: string;
   port: number;
