@@ -233,7 +233,7 @@ export class CowVolume extends Volume {
         const w = this.locks.get(l);
         if (w) waits.push(w);
       }
-      break;
+      if (!waits.length) break;
       await Promise.all(waits);
     }
     // No await between the check above and taking the locks below.
