@@ -6,10 +6,14 @@
 //
 //   node bench/peers.mjs [--quick] [--runtime S] [--ramp S] [--size 1G] [--out bench/results]
 //                        [--rounds N] [--servers a,b] [--jobs a,b] [--conns 1,4]
-//                        [--uv-threads 4,16] [--node-args "..."] [--check] [--no-chart] [--keep]
+//                        [--modes cow,row] [--uv-threads 4,16] [--node-args "..."] [--check]
+//                        [--no-chart] [--keep]
 //
+// snapblock runs once per volume mode: cow (and mirror) keep the live data as a raw image,
+// so the shared file itself is hard-linked in as the volume's data file; row has its own
+// block-mapped layout, so it gets the same bytes copied in through its export (nbdcopy).
 // Needs: dist/ and build/Release (npm ci), fio with ioengine=nbd, nbdkit, qemu-nbd
-// (qemu-utils), nbd-server, and gnuplot (gnuplot-nox) for the PNG chart.
+// (qemu-utils), nbd-server, nbdcopy and nbdinfo (libnbd-bin), gnuplot (gnuplot-nox) for the PNG.
 // Writes <out>/peers-<stamp>.json and <out>/peers-<stamp>.png and prints a table.
 import { spawn, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -36,8 +40,12 @@ const HELP = `usage: node bench/peers.mjs [options]
   --servers LIST       subset of snapblock,nbdkit,qemu-nbd,nbd-server (default all)
   --jobs LIST          subset of randread,randwrite,seqread,seqwrite (default all)
   --conns LIST         connection counts (default 1,4)
-  --uv-threads LIST    also run snapblock with UV_THREADPOOL_SIZE=N for each N (variants
-                       named snapblock[uvN]); the plain "snapblock" keeps the inherited env
+  --modes LIST         snapblock volume modes to run, each a server of its own (default cow,row):
+                       cow/mirror serve the shared backing file itself (hard-linked in as the
+                       volume's raw data file); row has its own layout, so it gets the same
+                       bytes copied in through its export with nbdcopy before measuring
+  --uv-threads LIST    also run snapblock (first mode) with UV_THREADPOOL_SIZE=N for each N
+                       (named snapblock-MODE[uvN]); the others keep the inherited env
   --node-args "ARGS"   extra node flags for snapblock (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
   --check              exit 1 unless snapblock >= 1.0x nbdkit and >= 1.2x qemu-nbd on every job
   --no-chart           skip the PNG (then gnuplot is not needed)
@@ -63,6 +71,7 @@ function parseArgs(argv) {
     jobs: ['randread', 'randwrite', 'seqread', 'seqwrite'],
     conns: [1, 4],
     uvThreads: [],
+    modes: ['cow', 'row'],
     nodeArgs: [],
     check: false,
     chart: true,
@@ -87,6 +96,7 @@ function parseArgs(argv) {
       case '--jobs': o.jobs = list(val()); break;
       case '--conns': o.conns = list(val()).map(Number); break;
       case '--uv-threads': o.uvThreads = list(val()).map(Number); break;
+      case '--modes': o.modes = list(val()); break;
       case '--node-args': o.nodeArgs = val().split(/\s+/).filter(Boolean); break;
       case '--check': o.check = true; break;
       case '--no-chart': o.chart = false; break;
@@ -103,6 +113,8 @@ function parseArgs(argv) {
   for (const c of o.conns) if (!Number.isInteger(c) || c < 1 || c > 16) throw new Error('--conns takes integers 1..16');
   for (const n of o.uvThreads) if (!Number.isInteger(n) || n < 1 || n > 1024) throw new Error('--uv-threads takes integers 1..1024');
   if (o.uvThreads.length && !o.servers.includes('snapblock')) throw new Error('--uv-threads needs snapblock among --servers');
+  for (const m of o.modes) if (!['row', 'cow', 'mirror'].includes(m)) throw new Error(`unknown snapshot mode "${m}" (row, cow, mirror)`);
+  if (!o.modes.length) throw new Error('--modes needs at least one mode');
   return o;
 }
 
@@ -285,11 +297,15 @@ async function startOnFreePort(name, scratch, argsFor, opts = {}) {
 
 // ---------------------------------------------------------------- servers
 
-function snapblockServer(variant, env) {
+/** modes whose live data is a plain raw image in <volume dir>/data that peers can serve too */
+const RAW_MODES = new Set(['cow', 'mirror']);
+
+function snapblockServer(variant, mode, env) {
   return {
     name: variant,
+    mode,
     async start(ctx) {
-      // A private pool whose one volume is the shared backing file (hard link: same inode).
+      // A private pool with one volume "bench" of the backing file's size.
       const pool = path.join(ctx.scratch, `pool-${variant.replace(/[^a-z0-9]+/gi, '_')}`);
       const cli = path.join(ROOT, 'bin', 'snapblock.js');
       const run = (...args) => {
@@ -297,14 +313,19 @@ function snapblockServer(variant, env) {
         if (r.status !== 0) throw new Error(`snapblock ${args.join(' ')} failed: ${r.stderr || r.stdout}`);
         return r.stdout;
       };
-      run('volume', 'create', EXPORT, String(ctx.size));
-      const img = path.join(pool, 'volumes', `${EXPORT}.img`);
-      fs.rmSync(img);
-      fs.linkSync(ctx.file, img);
-      const info = JSON.parse(run('volume', 'info', EXPORT, '--json'));
-      if (info.size !== ctx.size || fs.statSync(img).size !== ctx.size) {
-        throw new Error(`snapblock catalog size ${info.size} != backing file size ${fs.statSync(img).size}`);
+      run('volume', 'create', EXPORT, String(ctx.size), '--snapshot-mode', mode);
+      const catalog = JSON.parse(fs.readFileSync(path.join(pool, 'catalog.json'), 'utf8'));
+      const rec = catalog.volumes?.[EXPORT];
+      if (!rec || rec.mode !== mode) throw new Error(`snapblock created no ${mode} volume (catalog: ${JSON.stringify(rec)})`);
+      const data = path.join(pool, rec.dir ?? path.join('volumes', EXPORT), 'data');
+      if (RAW_MODES.has(mode)) {
+        // Live data is a raw image: swap in the shared backing file (hard link, same inode).
+        if (fs.statSync(data).size !== ctx.size) throw new Error(`snapblock ${mode} data file is ${fs.statSync(data).size} bytes, expected ${ctx.size}`);
+        fs.rmSync(data);
+        fs.linkSync(ctx.file, data);
       }
+      const info = JSON.parse(run('volume', 'info', EXPORT, '--json'));
+      if (info.size !== ctx.size) throw new Error(`snapblock catalog size ${info.size} != backing file size ${ctx.size}`);
       const logFile = path.join(ctx.scratch, `${variant}.log`);
       const logFd = fs.openSync(logFile, 'a');
       const child = spawn(process.execPath, [...ctx.nodeArgs, cli, '--pool', pool, 'serve', '--listen', '127.0.0.1:0', '--log-level', 'info'], {
@@ -339,13 +360,20 @@ function snapblockServer(variant, env) {
         });
       });
       child.once('exit', () => fs.closeSync(logFd));
-      return { port, exportName: EXPORT, entry, logFile, pid: child.pid };
+      if (!RAW_MODES.has(mode)) {
+        // The data file has snapblock's own layout (e.g. row: a block map): give it the same
+        // bytes through its own export, once, before measuring; then keep it warm like the file.
+        const r = spawnSync('nbdcopy', ['--flush', ctx.file, `nbd://127.0.0.1:${port}/${EXPORT}`], { encoding: 'utf8', timeout: 600_000 });
+        if (r.status !== 0) throw new Error(`nbdcopy into ${variant} failed: ${r.stderr || r.error?.message}`);
+        ctx.files.push(data);
+      }
+      return { port, exportName: EXPORT, entry, logFile, pid: child.pid, mode, dataFile: data };
     },
   };
 }
 
 const SERVERS = {
-  snapblock: snapblockServer('snapblock', {}),
+  snapblock: { name: 'snapblock' }, // expanded per --modes / --uv-threads in main()
   nbdkit: {
     name: 'nbdkit',
     async start(ctx) {
@@ -523,8 +551,14 @@ function tables(result) {
   for (const r of rows) abs.push([r.label, JOBS[r.job].unit, ...servers.map((s) => fmt(r.servers[s]?.value, JOBS[r.job].metric))]);
   const ratioCols = Object.keys(rows[0]?.ratios ?? {});
   const rel = [['job', ...ratioCols, 'target']];
-  for (const r of rows) rel.push([r.label, ...ratioCols.map((k) => (r.ratios[k] === undefined ? '—' : r.ratios[k].toFixed(2) + 'x')), r.target ?? '—']);
+  for (const r of rows) rel.push([r.label, ...ratioCols.map((k) => (r.ratios[k] === undefined ? '—' : r.ratios[k].toFixed(2) + 'x')), targetText(r)]);
   return `Absolute (median of ${result.options.rounds} round(s), ${result.options.runtime} s each; IOPS for 4k, MB/s for 1M):\n${pad(abs)}\n\nsnapblock / peer (target: >= 1.00x nbdkit and >= 1.20x qemu-nbd):\n${pad(rel)}\n`;
+}
+
+function targetText(r) {
+  if (!r.target) return '—';
+  const e = Object.entries(r.target);
+  return e.length === 1 ? e[0][1] : e.map(([v, t]) => `${v.replace(/^snapblock-/, '')}:${t}`).join(' ');
 }
 
 function markdown(result) {
@@ -532,13 +566,13 @@ function markdown(result) {
   const head = ['job', 'unit', ...servers, ...Object.keys(rows[0]?.ratios ?? {}), 'target'];
   const lines = [`| ${head.join(' | ')} |`, `| ${head.map((_, i) => (i < 2 ? '---' : '---:')).join(' | ')} |`];
   for (const r of rows) {
-    lines.push(`| ${[r.label, JOBS[r.job].unit, ...servers.map((s) => fmt(r.servers[s]?.value, JOBS[r.job].metric)), ...Object.values(r.ratios).map((x) => (x === undefined ? '—' : x.toFixed(2) + 'x')), r.target ?? '—'].join(' | ')} |`);
+    lines.push(`| ${[r.label, JOBS[r.job].unit, ...servers.map((s) => fmt(r.servers[s]?.value, JOBS[r.job].metric)), ...Object.values(r.ratios).map((x) => (x === undefined ? '—' : x.toFixed(2) + 'x')), targetText(r)].join(' | ')} |`);
   }
   return lines.join('\n') + '\n';
 }
 
-const COLORS = { snapblock: 0xd62728, nbdkit: 0x1f77b4, 'qemu-nbd': 0x2ca02c, 'nbd-server': 0x9467bd };
-const variantColors = [0xff7f0e, 0x8c564b, 0xe377c2, 0x7f7f7f, 0xbcbd22, 0x17becf];
+const COLORS = { 'snapblock-cow': 0xd62728, 'snapblock-row': 0xff7f0e, 'snapblock-mirror': 0xe377c2, nbdkit: 0x1f77b4, 'qemu-nbd': 0x2ca02c, 'nbd-server': 0x9467bd };
+const variantColors = [0x8c564b, 0x7f7f7f, 0xbcbd22, 0x17becf, 0xf7b6d2, 0xc49c94];
 
 function chart(result, pngFile, scratch) {
   const { servers, rows, options } = result;
@@ -600,6 +634,7 @@ async function main() {
   const missing = [];
   if (!which('fio')) missing.push('fio (Debian package fio)');
   for (const s of o.servers) if (need[s] && !which(s)) missing.push(`${s} (Debian package ${need[s]})`);
+  if (o.servers.includes('snapblock') && o.modes.some((m) => !RAW_MODES.has(m)) && !which('nbdcopy')) missing.push('nbdcopy (Debian package libnbd-bin), to fill the row volume');
   if (o.chart && !which('gnuplot')) missing.push('gnuplot (Debian package gnuplot-nox; or pass --no-chart)');
   if (missing.length) throw new Error(`missing tools: ${missing.join(', ')}. Install them with scripts/install-deps.sh or apt-get install.`);
   const eng = spawnSync('fio', ['--enghelp=nbd'], { encoding: 'utf8' });
@@ -611,8 +646,12 @@ async function main() {
   // Server line-up: peers plus snapblock and its UV_THREADPOOL_SIZE variants.
   const servers = [];
   for (const s of o.servers) {
-    servers.push(SERVERS[s]);
-    if (s === 'snapblock') for (const n of o.uvThreads) servers.push(snapblockServer(`snapblock[uv${n}]`, { UV_THREADPOOL_SIZE: String(n) }));
+    if (s !== 'snapblock') {
+      servers.push(SERVERS[s]);
+      continue;
+    }
+    for (const m of o.modes) servers.push(snapblockServer(`snapblock-${m}`, m, {}));
+    for (const n of o.uvThreads) servers.push(snapblockServer(`snapblock-${o.modes[0]}[uv${n}]`, o.modes[0], { UV_THREADPOOL_SIZE: String(n) }));
   }
   const names = servers.map((s) => s.name);
   const snapVariants = names.filter((n) => n.startsWith('snapblock'));
@@ -625,7 +664,8 @@ async function main() {
   log(`scratch: ${scratchDir}`);
   log(`preparing ${formatBytes(o.size)} backing file (random data, page cache warm)…`);
   prepareBackingFile(file, o.size);
-  const ctx = { scratch: scratchDir, file, size: o.size, nodeArgs: o.nodeArgs };
+  // files: every file a server reads its data from (kept warm and flushed alike)
+  const ctx = { scratch: scratchDir, file, files: [file], size: o.size, nodeArgs: o.nodeArgs };
 
   const started = new Date();
   const result = {
@@ -638,7 +678,7 @@ async function main() {
       'qemu-nbd': o.servers.includes('qemu-nbd') ? version('qemu-nbd', ['--version'], /qemu-nbd/) : undefined,
       'nbd-server': o.servers.includes('nbd-server') ? version('nbd-server', ['-V'], /version/) : undefined,
     },
-    options: { runtime: o.runtime, ramp: o.ramp, size: o.size, rounds: o.rounds, jobs: o.jobs, conns: o.conns, uvThreads: o.uvThreads, nodeArgs: o.nodeArgs },
+    options: { runtime: o.runtime, ramp: o.ramp, size: o.size, rounds: o.rounds, jobs: o.jobs, conns: o.conns, modes: o.modes, uvThreads: o.uvThreads, nodeArgs: o.nodeArgs },
     servers: names,
     rows: [],
   };
@@ -672,13 +712,13 @@ async function main() {
           const outFile = path.join(scratchDir, `${tag}.json`);
           fs.writeFileSync(jobFile, fioJobFile(c.job, c.conns, `nbd://127.0.0.1:${srv.port}/${srv.exportName}`, o));
           if (!alive(srv.entry)) throw new Error(`${name} is not running (exit ${srv.entry.exit ?? '?'}); see ${srv.logFile}:\n${tail(srv.logFile)}`);
-          warmBackingFile(file, o.size);
+          for (const f of ctx.files) warmBackingFile(f, o.size);
           const job = await runFio(jobFile, outFile, (o.runtime + o.ramp + 60) * 1000);
           const s = summarize(c.job, job);
           samples.get(`${c.job}/${c.conns}`)[name].push(s);
           n++;
           log(`[${String(n).padStart(String(total).length)}/${total}] ${JOBS[c.job].title.padEnd(18)} ${c.conns} conn  ${name.padEnd(18)} ${fmt(s.value, JOBS[c.job].metric).padStart(9)} ${JOBS[c.job].unit}`);
-          if (JOBS[c.job].rw.includes('write')) flushBackingFile(file); // no dirty pages left for the next server
+          if (JOBS[c.job].rw.includes('write')) for (const f of ctx.files) flushBackingFile(f); // no dirty pages left for the next server
           if (!alive(srv.entry)) throw new Error(`${name} died during ${tag}; see ${srv.logFile}:\n${tail(srv.logFile)}`);
         }
       }
@@ -693,10 +733,13 @@ async function main() {
         row.servers[name] = { value: pick('value'), iops: pick('iops'), mbps: pick('mbps'), latMeanUs: pick('latMeanUs'), clatP99Us: pick('clatP99Us'), samples: xs.map((x) => x.value) };
       }
       for (const v of snapVariants) for (const p of peers) row.ratios[`${v}/${p}`] = row.servers[v].value / row.servers[p].value;
-      if (names.includes('snapblock') && (names.includes('nbdkit') || names.includes('qemu-nbd'))) {
-        const okK = !names.includes('nbdkit') || row.ratios['snapblock/nbdkit'] >= 1.0;
-        const okQ = !names.includes('qemu-nbd') || row.ratios['snapblock/qemu-nbd'] >= 1.2;
-        row.target = okK && okQ ? 'met' : 'MISSED';
+      if (names.includes('nbdkit') || names.includes('qemu-nbd')) {
+        row.target = {};
+        for (const v of snapVariants) {
+          const okK = !names.includes('nbdkit') || row.ratios[`${v}/nbdkit`] >= 1.0;
+          const okQ = !names.includes('qemu-nbd') || row.ratios[`${v}/qemu-nbd`] >= 1.2;
+          row.target[v] = okK && okQ ? 'met' : 'MISSED';
+        }
       }
       result.rows.push(row);
     }
@@ -712,7 +755,7 @@ async function main() {
   process.stdout.write(`\nwrote ${path.relative(process.cwd(), base)}.json${o.chart ? ` and ${path.relative(process.cwd(), base)}.png` : ''}\n`);
   removeScratch();
   if (keepScratch) log(`kept scratch directory ${scratchDir}`);
-  if (o.check && result.rows.some((r) => r.target === 'MISSED')) process.exitCode = 1;
+  if (o.check && result.rows.some((r) => Object.values(r.target ?? {}).includes('MISSED'))) process.exitCode = 1;
 }
 
 function checkSizes(running, size) {

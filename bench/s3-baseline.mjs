@@ -63,9 +63,20 @@ await client.send(new CreateBucketCommand({ Bucket: bucket }));
 // A few distinct random payloads (each object differs from its neighbours).
 const payloads = Array.from({ length: 8 }, () => randomBytes(size));
 
+// CPU seconds (user+sys) of a daemon, from /proc/PID/stat (fields 14, 15 in clock ticks of 1/100 s).
+const cpuSecs = (pid) => {
+  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+};
+const cpuNow = () => ({
+  ...Object.fromEntries(Object.entries(daemonPids).map(([n, p]) => [n, cpuSecs(p)])),
+  client: (process.cpuUsage().user + process.cpuUsage().system) / 1e6,
+});
+
 async function phase(name, op) {
   const lat = [];
   let next = 0;
+  const cpu0 = cpuNow();
   const t0 = performance.now();
   await Promise.all(Array.from({ length: inflight }, async () => {
     for (let i = next++; i < count; i = next++) {
@@ -77,8 +88,13 @@ async function phase(name, op) {
   const secs = (performance.now() - t0) / 1000;
   lat.sort((a, b) => a - b);
   const q = (p) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(0);
-  const r = { phase: name, objects: count, mib: (count * size) / MiB, secs: +secs.toFixed(2), mibPerSec: +((count * size) / MiB / secs).toFixed(1), p50ms: +q(0.5), p99ms: +q(0.99) };
+  const cpu1 = cpuNow();
+  const gib = (count * size) / 1024 / MiB;
+  const cpuPerGiB = Object.fromEntries(Object.keys(cpu1).map((k) => [k, +((cpu1[k] - cpu0[k]) / gib).toFixed(2)]));
+  const load = fs.readFileSync('/proc/loadavg', 'utf8').split(' ')[0];
+  const r = { phase: name, objects: count, mib: (count * size) / MiB, secs: +secs.toFixed(2), mibPerSec: +((count * size) / MiB / secs).toFixed(1), p50ms: +q(0.5), p99ms: +q(0.99), cpuSecsPerGiB: cpuPerGiB, loadavg: +load };
   console.log(`${name.padEnd(4)} ${r.objects} x ${size / MiB} MiB, ${inflight} in flight: ${r.mibPerSec} MiB/s (${r.secs} s; latency p50 ${r.p50ms} ms, p99 ${r.p99ms} ms)`);
+  console.log(`     CPU s/GiB: ${Object.entries(cpuPerGiB).map(([k, v]) => `${k} ${v}`).join(', ')}; loadavg ${load}`);
   return r;
 }
 

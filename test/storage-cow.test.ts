@@ -395,6 +395,27 @@ describe('cow volume', () => {
     await v2.close();
   });
 
+  it('after a crash, reserve slots written but never journaled are scrubbed, stray reserves removed', async () => {
+    const { v, dir } = await make(64 * BS, 64 * BS);
+    const m = new Model(64 * BS);
+    await dw(v, m, 0, pattern(8 * BS, 1));
+    await v.createSnapshot('s');
+    m.snap('s');
+    await dw(v, m, 0, pattern(2 * BS, 2));
+    await v.flush();
+    // copies that reached the reserve but whose records did not: past the high-water mark
+    fs.appendFileSync(path.join(dir, 'snap-1.reserve'), pattern(3 * BS, 3));
+    // a snapshot whose record never became durable
+    fs.writeFileSync(path.join(dir, 'snap-2.reserve'), pattern(BS, 4));
+    const v2 = await reopen(dir);
+    expect(fs.existsSync(path.join(dir, 'snap-2.reserve'))).toBe(false);
+    expect(fs.statSync(path.join(dir, 'snap-1.reserve')).size).toBe(2 * BS);
+    await dw(v2, m, 4 * BS, pattern(BS, 5)); // reuses slot numbering from the high-water mark
+    await verify(v2, m);
+    await v2.close();
+    expect(() => CowVolume.create(newDir(), 64 * BS, BS, BS - 1)).toThrow(/not even one/);
+  });
+
   it('check() reports a reserve file that is missing and one that belongs to nobody', async () => {
     const { v, dir } = await make(64 * BS, 64 * BS);
     await v.write(0, pattern(BS, 1));

@@ -92,13 +92,14 @@ async function churn(v: Volume, m: Model, seed: number, stop: () => boolean, min
     const used = new Set<number>();
     const jobs: Promise<void>[] = [];
     for (let i = 0; i < 16; i++) {
-      const b = r(v.size / BS);
-      if (used.has(b)) continue;
-      used.add(b);
-      const off = b * BS + r(BS / 2);
+      const off = r(v.size / BS) * BS + r(BS / 2);
       const len = 1 + r(BS * 2);
       if (off + len > v.size) continue;
-      for (let x = Math.floor(off / BS); x <= Math.floor((off + len - 1) / BS); x++) used.add(x);
+      // disjoint blocks within a round: the model cannot order overlapping concurrent writes
+      const span: number[] = [];
+      for (let x = Math.floor(off / BS); x <= Math.floor((off + len - 1) / BS); x++) span.push(x);
+      if (span.some((x) => used.has(x))) continue;
+      for (const x of span) used.add(x);
       if (r(6) === 0) {
         m.zero(off, len);
         jobs.push(v.trim(off, len));

@@ -185,6 +185,35 @@ scenario_verify_ro() {
   finish PASS
 }
 
+# verify-rw: attach read-write (a clone), verify $CHECKSUMS, write a new file,
+# detach, reattach and verify old and new files.
+scenario_verify_rw() {
+  [ -n "$CHECKSUMS" ] || fail "verify-rw needs CHECKSUMS"
+  printf '%s\n' "$CHECKSUMS" | grep -v '^$' >/tmp/sums
+  attach
+  mount_fs ""
+  (cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || {
+    grep -v ': OK$' /tmp/check | head -n 20
+    fail "checksum mismatch before writing"
+  }
+  head -c 2097152 /dev/urandom >/mnt/data/clone-new.bin || fail "write clone-new.bin"
+  (cd /mnt && sha256sum data/clone-new.bin) >>/tmp/sums || fail "sha256sum"
+  run sync
+  run umount /mnt
+  detach
+  echo 3 >/proc/sys/vm/drop_caches
+  attach
+  mount_fs ""
+  (cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || {
+    grep -v ': OK$' /tmp/check | head -n 20
+    fail "checksum mismatch after reattach"
+  }
+  run umount /mnt
+  fsck_ro
+  detach
+  finish PASS
+}
+
 # fio: random writes with crc32c verify on the raw device, then detach,
 # reattach and verify the same data again (--verify_only) from the server.
 scenario_fio() {
@@ -216,6 +245,7 @@ log "scenario=$SCENARIO export='$EXPORT' conns=$CONNS kernel=$(uname -r)"
 case "$SCENARIO" in
   fs) scenario_fs ;;
   verify-ro) scenario_verify_ro ;;
+  verify-rw) scenario_verify_rw ;;
   fio) scenario_fio ;;
   *) fail "unknown scenario '$SCENARIO'" ;;
 esac

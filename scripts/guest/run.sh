@@ -56,9 +56,9 @@ while [ $# -gt 0 ]; do
 done
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port PORT is required"
 [[ "$conns" =~ ^[1-9][0-9]*$ ]] || die "--conns must be a positive integer"
-case "$scenario" in fs|verify-ro|fio) ;; *) die "unknown scenario '$scenario'" ;; esac
+case "$scenario" in fs|verify-ro|verify-rw|fio) ;; *) die "unknown scenario '$scenario'" ;; esac
 [[ "$host" =~ ^[A-Za-z0-9._-]+$ ]] || die "--host must be a hostname or IPv4 address"
-if [ "$scenario" = verify-ro ] && [ -z "$checksums" ] &&
+if { [ "$scenario" = verify-ro ] || [ "$scenario" = verify-rw ]; } && [ -z "$checksums" ] &&
   ! printf '%s\n' "${sets[@]+"${sets[@]}"}" | grep -q '^CHECKSUMS='; then
   die "verify-ro needs --checksums FILE (or --set CHECKSUMS=...)"
 fi

@@ -110,6 +110,7 @@ export class CowVolume extends Volume {
   }
 
   static create(dir: string, size: number, blockSize: number, reserve: number): void {
+    if (!(reserve >= blockSize)) throw new Error(`a COW reserve of ${reserve} bytes holds not even one ${blockSize}-byte block`);
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const meta: Meta = { format: 'snapblock-cow', version: FORMAT_VERSION, epoch: 1, size, blockSize, reserve, gen: 1, nextSnapId: 1, snapshots: [] };
     const fd = fs.openSync(path.join(dir, 'data'), 'w', 0o600);
@@ -196,8 +197,12 @@ export class CowVolume extends Volume {
       if (!fs.existsSync(file)) continue; // check() reports it; reads of copied blocks fail
       s.fd = native.openFile(file, { direct: false, readOnly: false }).fd;
       const used = new Set<number>();
-      for (const c of s.table.values()) if (c.slot !== HOLE) used.add(c.slot);
-      s.next = used.size ? Math.max(...used) + 1 : 0;
+      s.next = 0;
+      for (const c of s.table.values()) {
+        if (c.slot === HOLE) continue;
+        used.add(c.slot);
+        s.next = Math.max(s.next, c.slot + 1);
+      }
       for (let p = s.next - 1; p >= 0; p--) if (!used.has(p)) s.free.push(p);
       fs.ftruncateSync(s.fd, s.next * bs);
       for (const e of await native.extents(s.fd, 0, s.next * bs)) {
@@ -355,7 +360,7 @@ export class CowVolume extends Volume {
     const out = Buffer.allocUnsafe(length);
     if (length === 0) return out;
     const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
-    if (!snap || snap.table.size === 0) {
+    if (!snap) {
       await readAt(this.fd, out, offset);
       return out;
     }

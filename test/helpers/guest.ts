@@ -17,7 +17,7 @@ const GUEST_BUILD = path.join(ROOT, 'scripts', 'guest', 'build.sh');
 const NBDFUSE_FS = path.join(ROOT, 'scripts', 'nbdfuse-fs.sh');
 const LOG_DIR = path.join(ROOT, '.cache', 'guest-logs');
 
-export type GuestScenario = 'fs' | 'verify-ro' | 'fio';
+export type GuestScenario = 'fs' | 'verify-ro' | 'verify-rw' | 'fio';
 
 export interface GuestOptions {
   port: number;
