@@ -107,13 +107,18 @@ tail_log() { # name
   true
 }
 
+# Debian builds Ceph without tcmalloc: glibc malloc mmaps and unmaps every 4 MiB
+# object buffer, and page faults are dear in this VM (~17 us each). Keeping big
+# blocks in the heap cuts the OSD's CPU per GiB written about 3x (8.6 -> 2.8 s).
+MALLOC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
+
 # start_daemon NAME CMD... : run CMD (with -f) in its own session, record its pid.
 start_daemon() {
   local name=$1; shift
   # setsid without a fork (we are not a group leader): $! is the daemon itself,
   # and the daemon survives the test runner's process group.
   # 9>&-: the daemon must not inherit (and so hold) the start/stop lock.
-  setsid "$@" </dev/null >>"$D/log/$name.out" 2>&1 9>&- &
+  GLIBC_TUNABLES=$MALLOC_TUNABLES setsid "$@" </dev/null >>"$D/log/$name.out" 2>&1 9>&- &
   echo $! >"$D/run/$name.pid"
   STARTED+=" $name"
   sleep 0.05
@@ -210,6 +215,20 @@ mon_allow_pool_delete = true
 mon_warn_on_pool_no_redundancy = false
 mon_warn_on_insecure_global_id_reclaim_allowed = false
 osd_crush_chooseleaf_type = 0
+# Log as usual, but keep no level-5 history in memory (formatting it costs CPU).
+debug_osd = 1/1
+debug_bluestore = 1/1
+debug_bluefs = 1/1
+debug_bdev = 1/1
+debug_rocksdb = 1/1
+debug_rgw = 1/1
+debug_rados = 0/0
+debug_objecter = 0/0
+debug_monc = 0/0
+debug_auth = 0/0
+debug_asok = 0/0
+debug_tp = 0/0
+debug_none = 0/0
 
 [mon]
 mon_data = $D/mon/ceph-\$id

@@ -48,11 +48,17 @@ export const DEFAULT_TYPE: VolumeType = { mode: 'row', blockSize: 64 * 1024, cow
 export const MAX_VOLUME_SIZE = 2 ** 46; // 64 TiB: block indexes stay within u32 at 64 KiB blocks
 export const SNAPSHOT_CONTEXT_PREFIX = 'snapblock:changed:';
 
-/** Changes the volume directory layout or catalog meaning: bump with docs/FORMAT.md. */
+/**
+ * Wraps the live layer of a volume's read-write export (replication stacks here, the
+ * way an nbdkit filter stacks over a plugin). Called for every new connection.
+ */
+export type ExportFilter = (volume: string, layer: BlockLayer) => BlockLayer | Promise<BlockLayer>;
+
 export class Pool implements ExportProvider {
   private catalog: Catalog;
   private readonly opened = new Map<string, Promise<Volume>>();
   private readonly connections = new Map<string, number>();
+  private readonly exportFilters: ExportFilter[] = [];
   private readonly lock: PoolLock;
 
   private constructor(
@@ -110,6 +116,11 @@ export class Pool implements ExportProvider {
       v.catch(() => this.opened.delete(name));
     }
     return v;
+  }
+
+  /** Stack a filter over every read-write export opened from now on. */
+  addExportFilter(f: ExportFilter): void {
+    this.exportFilters.push(f);
   }
 
   // ---- volume types ----
@@ -294,6 +305,7 @@ export class Pool implements ExportProvider {
     const v = await this.volume(volName);
     const snaps = v.snapshots();
     let layer: BlockLayer = v;
+    if (snapName === undefined) for (const f of this.exportFilters) layer = await f(volName, layer);
     let contexts: SnapshotInfo[] = snaps;
     if (snapName !== undefined) {
       const i = snaps.findIndex((s) => s.name === snapName);
