@@ -434,10 +434,34 @@ const SERVERS = {
 
 // ---------------------------------------------------------------- measuring
 
-function runFio(jobFile, outFile, timeoutMs) {
+// Server CPU time (all threads; for nbd-server all processes of its group), from /proc.
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
+function statOf(pid) {
+  try {
+    const t = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = t.slice(t.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
+    return { pgrp: Number(f[2]), cpu: (Number(f[11]) + Number(f[12])) / CLK_TCK };
+  } catch {
+    return undefined;
+  }
+}
+function serverCpu(srv) {
+  if (!srv.entry.pgid) return statOf(srv.pid)?.cpu ?? NaN;
+  let sum = 0;
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    const st = statOf(d);
+    if (st && st.pgrp === srv.entry.pgid) sum += st.cpu;
+  }
+  return sum;
+}
+
+/** runs fio; onStart(child) is called once it has been spawned */
+function runFio(jobFile, outFile, timeoutMs, onStart) {
   return new Promise((resolve, reject) => {
     const child = spawn('fio', ['--output-format=json', `--output=${outFile}`, jobFile], { stdio: ['ignore', 'ignore', 'pipe'] });
     const entry = track({ name: 'fio', child });
+    onStart?.(child);
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
     const timer = setTimeout(() => {
@@ -470,6 +494,7 @@ function summarize(jobName, fioJob) {
     value: j.metric === 'iops' ? side.iops : side.bw_bytes / 1e6,
     iops: side.iops,
     mbps: side.bw_bytes / 1e6,
+    ios: side.total_ios,
     latMeanUs: (side.lat_ns?.mean ?? 0) / 1000,
     clatP99Us: (pct['99.000000'] ?? 0) / 1000,
     cpuUsr: fioJob.usr_cpu,
@@ -539,6 +564,7 @@ function removeScratch(failed = false) {
 
 // ---------------------------------------------------------------- reporting
 
+const fmtCpu = (s) => (Number.isFinite(s.serverCpuUsPerOp) ? `${s.serverCpuPct.toFixed(0).padStart(3)}% of a core, ${s.serverCpuUsPerOp.toFixed(1)} µs/op` : 'n/a');
 const fmt = (v, metric) => (v === undefined ? '—' : metric === 'iops' ? Math.round(v).toLocaleString('en-US') : v.toFixed(0));
 const pad = (rows) => {
   const w = rows[0].map((_, i) => Math.max(...rows.map((r) => String(r[i]).length)));
@@ -552,7 +578,13 @@ function tables(result) {
   const ratioCols = Object.keys(rows[0]?.ratios ?? {});
   const rel = [['job', ...ratioCols, 'target']];
   for (const r of rows) rel.push([r.label, ...ratioCols.map((k) => (r.ratios[k] === undefined ? '—' : r.ratios[k].toFixed(2) + 'x')), targetText(r)]);
-  return `Absolute (median of ${result.options.rounds} round(s), ${result.options.runtime} s each; IOPS for 4k, MB/s for 1M):\n${pad(abs)}\n\nsnapblock / peer (target: >= 1.00x nbdkit and >= 1.20x qemu-nbd):\n${pad(rel)}\n`;
+  const cpu = [['job', ...servers]];
+  for (const r of rows) cpu.push([r.label, ...servers.map((s) => (Number.isFinite(r.servers[s]?.serverCpuUsPerOp) ? r.servers[s].serverCpuUsPerOp.toFixed(1) : '—'))]);
+  return (
+    `Absolute (median of ${result.options.rounds} round(s), ${result.options.runtime} s each; IOPS for 4k, MB/s for 1M):\n${pad(abs)}\n\n` +
+    `snapblock / peer (target: >= 1.00x nbdkit and >= 1.20x qemu-nbd):\n${pad(rel)}\n\n` +
+    `Server CPU time per request, µs (all threads; less sensitive to machine load than throughput):\n${pad(cpu)}\n`
+  );
 }
 
 function targetText(r) {
@@ -713,11 +745,21 @@ async function main() {
           fs.writeFileSync(jobFile, fioJobFile(c.job, c.conns, `nbd://127.0.0.1:${srv.port}/${srv.exportName}`, o));
           if (!alive(srv.entry)) throw new Error(`${name} is not running (exit ${srv.entry.exit ?? '?'}); see ${srv.logFile}:\n${tail(srv.logFile)}`);
           for (const f of ctx.files) warmBackingFile(f, o.size);
-          const job = await runFio(jobFile, outFile, (o.runtime + o.ramp + 60) * 1000);
+          // Server CPU is sampled from the end of the ramp to fio's exit (the measured part).
+          let cpu0;
+          let rampTimer;
+          const job = await runFio(jobFile, outFile, (o.runtime + o.ramp + 60) * 1000, () => {
+            rampTimer = setTimeout(() => (cpu0 = { cpu: serverCpu(srv), t: Date.now() }), o.ramp * 1000 + 100);
+          }).finally(() => clearTimeout(rampTimer));
+          const cpu1 = { cpu: serverCpu(srv), t: Date.now() };
           const s = summarize(c.job, job);
+          if (cpu0) {
+            s.serverCpuPct = ((cpu1.cpu - cpu0.cpu) / ((cpu1.t - cpu0.t) / 1000)) * 100;
+            s.serverCpuUsPerOp = s.ios > 0 ? ((cpu1.cpu - cpu0.cpu) * 1e6) / s.ios : NaN;
+          }
           samples.get(`${c.job}/${c.conns}`)[name].push(s);
           n++;
-          log(`[${String(n).padStart(String(total).length)}/${total}] ${JOBS[c.job].title.padEnd(18)} ${c.conns} conn  ${name.padEnd(18)} ${fmt(s.value, JOBS[c.job].metric).padStart(9)} ${JOBS[c.job].unit}`);
+          log(`[${String(n).padStart(String(total).length)}/${total}] ${JOBS[c.job].title.padEnd(18)} ${c.conns} conn  ${name.padEnd(18)} ${fmt(s.value, JOBS[c.job].metric).padStart(9)} ${JOBS[c.job].unit.padEnd(4)}  server CPU ${fmtCpu(s)}`);
           if (JOBS[c.job].rw.includes('write')) for (const f of ctx.files) flushBackingFile(f); // no dirty pages left for the next server
           if (!alive(srv.entry)) throw new Error(`${name} died during ${tag}; see ${srv.logFile}:\n${tail(srv.logFile)}`);
         }
@@ -730,7 +772,16 @@ async function main() {
       for (const name of names) {
         const xs = per[name];
         const pick = (k) => median(xs.map((x) => x[k]));
-        row.servers[name] = { value: pick('value'), iops: pick('iops'), mbps: pick('mbps'), latMeanUs: pick('latMeanUs'), clatP99Us: pick('clatP99Us'), samples: xs.map((x) => x.value) };
+        row.servers[name] = {
+          value: pick('value'),
+          iops: pick('iops'),
+          mbps: pick('mbps'),
+          latMeanUs: pick('latMeanUs'),
+          clatP99Us: pick('clatP99Us'),
+          serverCpuPct: pick('serverCpuPct'),
+          serverCpuUsPerOp: pick('serverCpuUsPerOp'),
+          samples: xs.map((x) => x.value),
+        };
       }
       for (const v of snapVariants) for (const p of peers) row.ratios[`${v}/${p}`] = row.servers[v].value / row.servers[p].value;
       if (names.includes('nbdkit') || names.includes('qemu-nbd')) {
