@@ -4,8 +4,11 @@
 //   - request header decoding as Session.pump does it (ByteQueue take + field reads)
 //   - write payload extraction (zero-copy 4k, copying 1M that arrived in 64 KiB reads)
 //   - reply header encoding (a replica of session.ts chunkHeader, which is not exported)
-//   - FileDevice.read from a warm page cache: 4k and 1M, and what a fresh 1 MiB buffer costs
-//   - extent lookup (FileDevice.extents and the raw native call) on a sparse file
+//   - volume reads from a warm page cache (cow: raw image; row: block-mapped), 4k and 1M,
+//     next to the raw native calls: thread-pool pread vs synchronous preadv2(RWF_NOWAIT),
+//     fresh vs reused 1 MiB buffers (what per-request allocation costs)
+//   - extent lookup: cow (SEEK_DATA/SEEK_HOLE through the thread pool), row (in-memory map),
+//     and the raw native call
 //
 //   node bench/micro.mjs [--quick] [--filter REGEX] [--json FILE]
 import Benchmark from 'benchmark';
@@ -16,10 +19,12 @@ import { fileURLToPath } from 'node:url';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const dist = (p) => import(path.join(ROOT, 'dist', p));
-let ByteQueue, FileDevice, native;
+let ByteQueue, CowVolume, RowVolume, createLogger, native;
 try {
   ({ ByteQueue } = await dist('nbd/byte-queue.js'));
-  ({ FileDevice } = await dist('block/file-device.js'));
+  ({ CowVolume } = await dist('storage/cow-volume.js'));
+  ({ RowVolume } = await dist('storage/row-volume.js'));
+  ({ createLogger } = await dist('log.js'));
   native = await dist('native/index.js');
 } catch (err) {
   process.stderr.write(`micro: cannot load dist/ (${err.message}); build first: npm ci, or npx tsc -p . and node-gyp rebuild\n`);
@@ -92,22 +97,26 @@ function chunkHeader(req, flags, type, length, extra) {
   return h;
 }
 
-// A sparse 1 GiB file: first 64 MiB fully written, then 64 KiB of data every 128 KiB up to
-// 128 MiB (fragmented), the rest a hole.
+// Two 1 GiB volumes with the same content: the first 64 MiB fully written, then 64 KiB of
+// data every 128 KiB up to 128 MiB (fragmented), the rest never written (holes).
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapblock-micro-'));
 process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
 for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => process.exit(130));
-const file = path.join(dir, 'sparse.img');
+const log = createLogger({ level: 'silent', pretty: false });
+const BS = 64 * 1024;
+CowVolume.create(path.join(dir, 'cow'), 1024 * MiB, BS, 64 * MiB);
+RowVolume.create(path.join(dir, 'row'), 1024 * MiB, BS);
+const cow = await CowVolume.open(path.join(dir, 'cow'), { log });
+const row = await RowVolume.open(path.join(dir, 'row'), { log });
 {
-  const fd = fs.openSync(file, 'w+');
-  fs.ftruncateSync(fd, 1024 * MiB);
   const chunk = Buffer.alloc(4 * MiB, 0x5a);
-  for (let off = 0; off < 64 * MiB; off += chunk.length) fs.writeSync(fd, chunk, 0, chunk.length, off);
-  for (let off = 64 * MiB; off < 128 * MiB; off += 128 * 1024) fs.writeSync(fd, chunk, 0, 64 * 1024, off);
-  fs.fsyncSync(fd);
-  fs.closeSync(fd);
+  for (const v of [cow, row]) {
+    for (let off = 0; off < 64 * MiB; off += chunk.length) await v.write(off, chunk);
+    for (let off = 64 * MiB; off < 128 * MiB; off += 2 * BS) await v.write(off, chunk.subarray(0, BS));
+    await v.flush();
+  }
 }
-const dev = FileDevice.open(file, { cache: 'writeback' });
+const file = path.join(dir, 'cow', 'data'); // a plain raw image: the native calls read it directly
 const rawFd = native.openFile(file, { direct: false, readOnly: true }).fd;
 
 // ---- suites
@@ -192,25 +201,36 @@ const defer = (fn) => ({
 }
 
 {
-  const s = suite('FileDevice.read, warm page cache (per request)');
-  let i = 0;
-  add(s, '4k read (preadNowait path)', defer(() => dev.read(((i++ * 7919) % 16384) * 4096, 4096)));
-  let j = 0;
-  add(s, '1M read into a fresh Buffer (as FileDevice.read does)', defer(() => dev.read((j++ % 64) * MiB, MiB)));
+  const s = suite('4k reads, warm page cache (per request)');
+  const pos = (i) => ((i * 7919) % 16384) * 4096; // spread over the first 64 MiB
+  let a = 0, b = 0, c = 0, d = 0;
+  add(s, 'CowVolume.read 4k (thread-pool pread)', defer(() => cow.read(pos(a++), 4096)));
+  add(s, 'RowVolume.read 4k (map lookup + thread-pool pread)', defer(() => row.read(pos(b++), 4096)));
+  const buf4k = Buffer.allocUnsafe(4096);
+  add(s, 'native.pread 4k via the thread pool', defer(() => native.pread(rawFd, buf4k, pos(c++))));
+  add(s, 'native.preadNowait 4k, synchronous page-cache hit (no thread-pool hop)', () => native.preadNowait(rawFd, buf4k, pos(d++)));
+}
+
+{
+  const s = suite('1M reads, warm page cache (per request)');
+  let a = 0, b = 0, k = 0, m = 0, f = 0;
+  add(s, 'CowVolume.read 1M (fresh Buffer + thread-pool pread)', defer(() => cow.read((a++ % 64) * MiB, MiB)));
+  add(s, 'RowVolume.read 1M (fresh Buffer + thread-pool preadv of 16 blocks)', defer(() => row.read((b++ % 64) * MiB, MiB)));
+  add(s, 'fresh Buffer.allocUnsafe(1M) + preadNowait (first touch of new pages)', () => native.preadNowait(rawFd, Buffer.allocUnsafe(MiB), (f++ % 64) * MiB));
   const reused = Buffer.allocUnsafe(MiB);
-  let k = 0;
-  add(s, '1M preadNowait into one reused Buffer (what a buffer pool would cost)', () => native.preadNowait(rawFd, reused, (k++ % 64) * MiB));
-  let m = 0;
-  add(s, '1M pread via the thread pool into a reused Buffer', defer(() => native.pread(rawFd, reused, (m++ % 64) * MiB)));
+  add(s, 'reused 1M Buffer + preadNowait (what a buffer pool would cost)', () => native.preadNowait(rawFd, reused, (k++ % 64) * MiB));
+  add(s, 'reused 1M Buffer + thread-pool pread', defer(() => native.pread(rawFd, reused, (m++ % 64) * MiB)));
 }
 
 {
   const s = suite('extent lookup (per call)');
-  add(s, 'FileDevice.extents 1M, all data (as a >=64k READ does first)', defer(() => dev.extents(8 * MiB, MiB)));
-  add(s, 'FileDevice.extents 1M, 8 data + 8 hole extents', defer(() => dev.extents(64 * MiB, MiB)));
-  add(s, 'FileDevice.extents 1M, all hole', defer(() => dev.extents(512 * MiB, MiB)));
-  add(s, 'native.extents 1M, 8 data + 8 hole (raw Float64Array + Extent objects)', defer(() => native.extents(rawFd, 64 * MiB, MiB)));
-  add(s, 'FileDevice.extents whole 1 GiB (block status)', defer(() => dev.extents(0, 1024 * MiB)));
+  add(s, 'CowVolume.extents 1M, all data (what a >=64k READ asks first)', defer(() => cow.extents(8 * MiB, MiB)));
+  add(s, 'CowVolume.extents 1M, 8 data + 8 hole extents', defer(() => cow.extents(64 * MiB, MiB)));
+  add(s, 'RowVolume.extents 1M, all data (in-memory map)', defer(() => row.extents(8 * MiB, MiB)));
+  add(s, 'RowVolume.extents 1M, 8 data + 8 hole extents', defer(() => row.extents(64 * MiB, MiB)));
+  add(s, 'native.extents 1M, 8 data + 8 hole (SEEK_DATA/SEEK_HOLE in a Job)', defer(() => native.extents(rawFd, 64 * MiB, MiB)));
+  add(s, 'CowVolume.extents whole 1 GiB (block status)', defer(() => cow.extents(0, 1024 * MiB)));
+  add(s, 'RowVolume.extents whole 1 GiB (block status)', defer(() => row.extents(0, 1024 * MiB)));
 }
 
 // ---- run
@@ -233,7 +253,8 @@ for (const s of suites) {
     s.run({ async: false });
   });
 }
-await dev.close();
+await cow.close();
+await row.close();
 native.closeFile(rawFd);
 if (jsonOut) {
   fs.mkdirSync(path.dirname(path.resolve(jsonOut)), { recursive: true });

@@ -440,7 +440,8 @@ function statOf(pid) {
   try {
     const t = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
     const f = t.slice(t.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
-    return { pgrp: Number(f[2]), cpu: (Number(f[11]) + Number(f[12])) / CLK_TCK };
+    // utime + stime, plus cutime + cstime: the reaped per-connection children of nbd-server
+    return { pgrp: Number(f[2]), cpu: (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / CLK_TCK };
   } catch {
     return undefined;
   }
@@ -751,7 +752,9 @@ async function main() {
           const job = await runFio(jobFile, outFile, (o.runtime + o.ramp + 60) * 1000, () => {
             rampTimer = setTimeout(() => (cpu0 = { cpu: serverCpu(srv), t: Date.now() }), o.ramp * 1000 + 100);
           }).finally(() => clearTimeout(rampTimer));
-          const cpu1 = { cpu: serverCpu(srv), t: Date.now() };
+          const tEnd = Date.now();
+          if (srv.entry.pgid) await sleep(300); // let nbd-server reap its per-connection children
+          const cpu1 = { cpu: serverCpu(srv), t: tEnd };
           const s = summarize(c.job, job);
           if (cpu0) {
             s.serverCpuPct = ((cpu1.cpu - cpu0.cpu) / ((cpu1.t - cpu0.t) / 1000)) * 100;

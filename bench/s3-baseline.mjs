@@ -6,7 +6,8 @@
 //   node bench/s3-baseline.mjs [--total-mib 512] [--size-mib 4] [--inflight 4] [--rounds 1]
 //                              [--expect-continue] [--dir .cache/s3/ceph] [--json FILE]
 //
-// Starts (or joins) the cluster and stops it again only if it was not running before.
+// Starts (or joins) the cluster; stops it at the end unless another user holds a lease or it
+// was started by hand (scripts/s3/start.sh .cache/s3/ceph).
 // The SDK's default `Expect: 100-continue` on bodies >= 2 MiB costs a round trip per PUT;
 // it is off here unless --expect-continue.
 import { execFileSync } from 'node:child_process';
@@ -17,6 +18,8 @@ import { fileURLToPath } from 'node:url';
 import {
   CreateBucketCommand, DeleteBucketCommand, DeleteObjectsCommand, GetObjectCommand, PutObjectCommand, S3Client,
 } from '@aws-sdk/client-s3';
+
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true'; // the version is pinned
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const argv = process.argv.slice(2);
@@ -33,12 +36,15 @@ const dir = path.resolve(ROOT, opt('dir', '.cache/s3/ceph'));
 const jsonOut = opt('json', '');
 
 const envFile = path.join(dir, 'env');
-const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { return false; } };
 const pids = () => Object.fromEntries(['mon', 'osd', 'rgw'].flatMap((n) => {
   try { return [[n, Number(fs.readFileSync(path.join(dir, 'run', `${n}.pid`), 'utf8'))]]; } catch { return []; }
 }));
-const wasRunning = Object.values(pids()).length === 3 && Object.values(pids()).every(alive);
-execFileSync('bash', [path.join(ROOT, 'scripts/s3/start.sh'), dir], { stdio: ['ignore', 'ignore', 'inherit'] });
+// Join under a lease: stopped at the end only if nobody else uses it and it was not started by hand.
+const lease = `bench-${process.pid}`;
+execFileSync('bash', [path.join(ROOT, 'scripts/s3/start.sh'), dir], {
+  stdio: ['ignore', 'ignore', 'inherit'],
+  env: { ...process.env, S3_LEASE: lease, S3_LEASE_PID: String(process.pid) },
+});
 const env = Object.fromEntries([...fs.readFileSync(envFile, 'utf8').matchAll(/^export (\w+)='([^']*)'$/gm)].map((m) => [m[1], m[2]]));
 
 const rssKiB = (pid) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
@@ -120,4 +126,4 @@ const mib = (k) => (k / 1024).toFixed(0);
 console.log(`RSS MiB idle/peak: ${Object.keys(peak).map((n) => `${n} ${mib(idle[n])}/${mib(peak[n])}`).join(', ')}; ` +
   `total ${mib(Object.values(idle).reduce((a, b) => a + b, 0))}/${mib(Object.values(peak).reduce((a, b) => a + b, 0))}`);
 if (jsonOut) fs.writeFileSync(jsonOut, JSON.stringify({ size, count, inflight, expectContinue: argv.includes('--expect-continue'), results, rssKiB: { idle, peak } }, null, 2));
-if (!wasRunning) execFileSync('bash', [path.join(ROOT, 'scripts/s3/stop.sh'), dir], { stdio: ['ignore', 'ignore', 'inherit'] });
+execFileSync('bash', [path.join(ROOT, 'scripts/s3/stop.sh'), dir, '--release', lease], { stdio: ['ignore', 'ignore', 'inherit'] });

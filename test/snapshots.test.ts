@@ -198,3 +198,25 @@ print(k, rest_old)
     });
   });
 }
+
+describe('cow reserve overflow', () => {
+  it('invalidates only that snapshot; the volume keeps working', async () => {
+    const srv = await startServer();
+    ok(srv, ['volume', 'create', 'small', '16M', '--snapshot-mode', 'cow', '--block-size', '64K', '--cow-reserve', '256K']);
+    qio(srv.uri('small'), 'write -P 0x11 0 2M');
+    ok(srv, ['snapshot', 'create', 'small', 'tiny']);
+    ok(srv, ['snapshot', 'create', 'small', 'other']);
+    qioReadOnly(srv.uri('small@tiny'), 'read -P 0x11 0 2M');
+    // 1 MiB of first writes needs 1 MiB of reserve per sharing snapshot: more than 256 KiB.
+    qio(srv.uri('small'), 'write -P 0x22 0 1M', 'read -P 0x22 0 1M', 'read -P 0x11 1M 1M');
+    const snaps = JSON.parse(ok(srv, ['--json', 'snapshot', 'list', 'small']));
+    expect(snaps.map((s: { name: string; status: string }) => s.status)).toEqual(['invalid', 'invalid']);
+    const r = run('nbdinfo', [srv.uri('small@tiny')]);
+    expect(r.status).not.toBe(0);
+    await new Promise((r) => setTimeout(r, 300)); // let the server's log lines arrive
+    expect(srv.logs()).toMatch(/invalidated/i);
+    qio(srv.uri('small'), 'write -P 0x33 4M 64k', 'read -P 0x33 4M 64k');
+    expect(JSON.parse(ok(srv, ['--json', 'check'])).ok).toBe(true);
+    await srv.stop();
+  });
+});

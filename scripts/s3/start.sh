@@ -28,7 +28,9 @@
 #   S3_RBD_POOL               pool for `rbd` images, "" to skip (default rbd)
 #   S3_TIMEOUT                seconds to wait for each daemon (default 60)
 #   S3_LEASE, S3_LEASE_PID    record a lease DATA_DIR/leases/$S3_LEASE held by
-#                             process S3_LEASE_PID (see stop.sh --release)
+#                             process S3_LEASE_PID (see stop.sh --release);
+#                             without S3_LEASE the cluster is pinned (kept up
+#                             until a plain stop.sh)
 #
 # Pitfalls handled here are numbered after /work/shared/notes/s3.md.
 set -euo pipefail
@@ -150,7 +152,9 @@ export S3_RBD_POOL='$(cat "$D/rbd_pool" 2>/dev/null || true)'
 export S3_SERVER='ceph-rgw'
 EOF
   mv "$D/env.tmp" "$D/env"
-  if [ -n "${S3_LEASE:-}" ]; then echo "${S3_LEASE_PID:-$PPID}" >"$D/leases/$S3_LEASE"; fi
+  # A leased start (test helper) is stopped by the last `stop.sh --release`; a
+  # start by hand pins the cluster until a plain `stop.sh`.
+  if [ -n "${S3_LEASE:-}" ]; then echo "${S3_LEASE_PID:-$PPID}" >"$D/leases/$S3_LEASE"; else touch "$D/pinned"; fi
   cat "$D/env"
 }
 
@@ -166,6 +170,8 @@ if [ -f "$D/ports" ]; then
     exit 0
   fi
 fi
+
+rm -f "$D/pinned"   # (re)started now: pinned again below unless leased
 
 # --- bootstrap: config, mon store, osd --------------------------------------
 if [ ! -f "$D/bootstrapped" ]; then

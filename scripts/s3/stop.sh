@@ -5,6 +5,7 @@
 #
 #   --release LEASE  drop DATA_DIR/leases/LEASE first and stop only if no other
 #                    live process still holds a lease (test files share a cluster)
+#                    and nobody started it by hand (DATA_DIR/pinned)
 #   --purge          also delete DATA_DIR once everything is stopped
 #
 # Tolerant of partial state: missing or stale pid files are skipped; a pid file
@@ -36,7 +37,9 @@ if [ -n "$release" ]; then
     if [ -d "/proc/$(cat "$f")" ]; then holders=$((holders + 1)); else rm -f "$f"; fi
   done
   if ((holders > 0)); then log "still used by $holders other lease(s); leaving it running"; exit 0; fi
+  if [ -f "$D/pinned" ]; then log "started by hand (pinned): leaving it running"; exit 0; fi
 fi
+rm -f "$D/pinned"
 
 comm_of() { case $1 in rgw) echo radosgw ;; *) echo "ceph-$1" ;; esac; }
 live() { [ -d "/proc/$1" ] && ! grep -q '^State:.*zombie' "/proc/$1/status" 2>/dev/null; }

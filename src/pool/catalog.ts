@@ -10,10 +10,40 @@ export const CATALOG_VERSION = 2;
 
 const Mode = z.enum(['row', 'cow', 'mirror']);
 
+/** Replication settings of a volume type (docs/REPLICATION.md). */
+export const ReplicationSpec = z.object({
+  mode: z.enum(['sync', 'async']),
+  /** a backend named in the catalog's `backends` */
+  backendId: z.string(),
+  /** sync mode when the link is lost: hold writes (RPO 0, default) or continue as async */
+  onLinkLoss: z.enum(['block', 'degrade']).optional(),
+});
+export type ReplicationSpec = z.infer<typeof ReplicationSpec>;
+
+/** A volume's replication state; changes only on enable/disable, failover and failback. */
+export const VolumeReplication = z.object({
+  mode: z.enum(['sync', 'async']),
+  /** primary: the backend replicated to; secondary: unset (fed by a peer) */
+  backendId: z.string().optional(),
+  onLinkLoss: z.enum(['block', 'degrade']).optional(),
+  role: z.enum(['primary', 'secondary']),
+  state: z.enum(['enabled', 'disabled', 'failed-over', 'failover-error']),
+  /** where the volume's active copy lives; unset = here (Cinder's active_backend_id) */
+  activeBackendId: z.string().optional(),
+  /** the peer this secondary was last fed from (informational) */
+  peer: z.string().optional(),
+  changed: z.string().optional(),
+});
+export type VolumeReplication = z.infer<typeof VolumeReplication>;
+
+export const Backend = z.object({ uri: z.string() });
+export type Backend = z.infer<typeof Backend>;
+
 export const VolumeType = z.object({
   mode: Mode,
   blockSize: z.number().int().positive(),
   cowReserve: z.number().int().nonnegative(),
+  replication: ReplicationSpec.optional(),
 });
 export type VolumeType = z.infer<typeof VolumeType>;
 
@@ -28,6 +58,7 @@ const VolumeRecord = z.object({
   type: z.string().optional(),
   /** clones: the snapshot whose content shows through unwritten blocks */
   base: z.object({ volume: z.string(), snapshot: z.string() }).optional(),
+  replication: VolumeReplication.optional(),
 });
 export type VolumeRecord = z.infer<typeof VolumeRecord>;
 
@@ -36,6 +67,8 @@ const CatalogSchema = z.object({
   version: z.literal(CATALOG_VERSION),
   volumes: z.record(z.string(), VolumeRecord),
   types: z.record(z.string(), VolumeType),
+  /** named replication targets (snapblock backend add) */
+  backends: z.record(z.string(), Backend).optional(),
 });
 export type Catalog = z.infer<typeof CatalogSchema>;
 

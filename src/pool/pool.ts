@@ -9,7 +9,7 @@ import type { BlockLayer } from '../block/layer.js';
 import type { ExportProvider, MetaContextSource, OpenedExport } from '../nbd/exports.js';
 import { createVolumeFiles, openVolume } from '../storage/factory.js';
 import { SnapshotError, type ChangedExtent, type SnapshotInfo, type SnapshotMode, type Volume } from '../storage/volume.js';
-import { readCatalog, writeCatalog, type Catalog, type VolumeRecord, type VolumeType } from './catalog.js';
+import { readCatalog, writeCatalog, type Backend, type Catalog, type VolumeRecord, type VolumeReplication, type VolumeType } from './catalog.js';
 import { fsyncDir } from './atomic-file.js';
 import { PoolLock } from './lock.js';
 import { PoolError, validateName } from './names.js';
@@ -29,7 +29,15 @@ export interface VolumeInfo {
   snapshots: number;
   /** open NBD connections to the volume and its snapshots */
   connections: number;
+  /** Cinder's replication_status (docs/REPLICATION.md) */
+  replication_status: ReplicationStatus;
+  /** role, mode, backend, lag, resync progress (live when a server runs) */
+  replication?: Record<string, unknown>;
 }
+
+export type ReplicationStatus = 'enabled' | 'disabled' | 'error' | 'failed-over' | 'failover-error' | 'not-capable';
+/** Live replication status of a volume, supplied by the replication service of a running server. */
+export type ReplicationStatusSource = (volume: string, rec: VolumeReplication | undefined) => { status: ReplicationStatus; details?: Record<string, unknown> };
 
 export interface CheckReport {
   ok: boolean;
@@ -59,6 +67,7 @@ export class Pool implements ExportProvider {
   private readonly opened = new Map<string, Promise<Volume>>();
   private readonly connections = new Map<string, number>();
   private readonly exportFilters: ExportFilter[] = [];
+  private replicationSource?: ReplicationStatusSource;
   private readonly lock: PoolLock;
 
   private constructor(
@@ -123,6 +132,38 @@ export class Pool implements ExportProvider {
     this.exportFilters.push(f);
   }
 
+  // ---- replication settings (src/replication uses these; the catalog keeps them) ----
+
+  setReplicationStatusSource(f: ReplicationStatusSource): void {
+    this.replicationSource = f;
+  }
+
+  replicationOf(name: string): VolumeReplication | undefined {
+    return this.record(name).replication;
+  }
+
+  /** Volumes that have replication settings, with them. */
+  replicatedVolumes(): Array<{ name: string; replication: VolumeReplication }> {
+    return Object.values(this.catalog.volumes).flatMap((v) => (v.replication ? [{ name: v.name, replication: v.replication }] : []));
+  }
+
+  setVolumeReplication(name: string, r: VolumeReplication | undefined): void {
+    const rec = { ...this.record(name), replication: r };
+    if (!r) delete rec.replication;
+    this.save({ ...this.catalog, volumes: { ...this.catalog.volumes, [name]: rec } });
+  }
+
+  backends(): Record<string, Backend> {
+    return { ...(this.catalog.backends ?? {}) };
+  }
+
+  setBackend(id: string, b: Backend | undefined): void {
+    const next = { ...(this.catalog.backends ?? {}) };
+    if (b) next[id] = b;
+    else delete next[id];
+    this.save({ ...this.catalog, backends: next });
+  }
+
   // ---- volume types ----
 
   types(): Record<string, VolumeType> {
@@ -178,7 +219,17 @@ export class Pool implements ExportProvider {
       base: rec.base,
       snapshots: v.snapshots().length,
       connections: this.connectionsTo(name),
+      ...this.replicationInfo(name, rec.replication),
     };
+  }
+
+  private replicationInfo(name: string, r: VolumeReplication | undefined): Pick<VolumeInfo, 'replication_status' | 'replication'> {
+    if (this.replicationSource) {
+      const s = this.replicationSource(name, r);
+      return { replication_status: s.status, replication: s.details };
+    }
+    if (!r) return { replication_status: 'disabled' };
+    return { replication_status: r.state, replication: { ...r } };
   }
 
   private connectionsTo(volume: string): number {
@@ -202,6 +253,7 @@ export class Pool implements ExportProvider {
     const cowReserve = opts.cowReserve ?? type.cowReserve;
     checkBlockSize(blockSize);
     const rec: VolumeRecord = { name, created: new Date().toISOString(), dir: path.join('volumes', name), mode, blockSize, cowReserve, type: opts.type };
+    if (type.replication) rec.replication = { ...type.replication, role: 'primary', state: 'enabled', changed: rec.created };
     this.makeVolumeDir(rec, () => createVolumeFiles(mode, path.join(this.dir, `${rec.dir}.creating`), { size, blockSize, cowReserve }));
     this.log.info({ volume: name, size, mode, blockSize }, 'volume created');
     return this.info(name);

@@ -7,6 +7,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
+// The SDK version is pinned (package.json): its "node >= 22 after January 2027" notice is noise here.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 const ROOT = path.resolve(import.meta.dirname, '..', '..');
 /** One cluster for the whole checkout (git-ignored); override with SNAPBLOCK_S3_DIR. */
 export const S3_DATA_DIR = process.env.SNAPBLOCK_S3_DIR ?? path.join(ROOT, '.cache', 's3', 'ceph');
@@ -20,7 +22,7 @@ export interface S3Endpoint {
   cephConf: string;
   /** pool for rbd images, '' if none */
   rbdPool: string;
-  /** Release this user of the cluster; the last one stops it (unless SNAPBLOCK_S3_KEEP=1). */
+  /** Release this user of the cluster; the last one stops it (unless it was started by hand). */
   stop(): Promise<void>;
 }
 
@@ -38,6 +40,8 @@ let leases = 0;
  * checks its pid files and asks the endpoint, ~0.6 s). Each call takes a lease
  * (a file naming this process); stop() drops it and stops the daemons only when
  * no other live process holds one, so parallel test files share one cluster.
+ * A cluster started by hand (`scripts/s3/start.sh .cache/s3/ceph`) stays up
+ * across test runs until `scripts/s3/stop.sh .cache/s3/ceph`.
  * First start ~9 s (plus the Debian packages once); restart on old data ~4 s.
  */
 export async function startS3(): Promise<S3Endpoint> {
@@ -66,10 +70,6 @@ export async function startS3(): Promise<S3Endpoint> {
     async stop() {
       if (stopped) return;
       stopped = true;
-      if (process.env.SNAPBLOCK_S3_KEEP === '1') {
-        fs.rmSync(path.join(S3_DATA_DIR, 'leases', lease), { force: true });
-        return;
-      }
       await run('bash', [path.join(script, 'stop.sh'), S3_DATA_DIR, '--release', lease], { timeout: 120_000 });
     },
   };
