@@ -15,6 +15,7 @@ import { fsyncDir } from '../pool/atomic-file.js';
 import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
+import { GroupCommit, fileExtents, readAt } from './io.js';
 
 /** table entry slot: the original block read as zeroes, so nothing was stored */
 const HOLE = 0xffffffff;
@@ -570,46 +571,6 @@ function newSnap(s: { id: number; name: string; gen: number; size: number; creat
 }
 
 /** Serialises durability steps; callers arriving while one is queued (not started) share it. */
-export class GroupCommit {
-  private chain: Promise<void> = Promise.resolve();
-  private queued?: Promise<void>;
-
-  constructor(private readonly step: () => Promise<void>) {}
-
-  /** Resolves once a step that started after this call has finished. */
-  request(): Promise<void> {
-    if (this.queued) return this.queued;
-    const p = this.chain.then(() => {
-      this.queued = undefined;
-      return this.step();
-    });
-    this.queued = p;
-    this.chain = p.catch(() => {});
-    return p;
-  }
-}
-
-/** pread all of buf; past the end of the file reads as zeroes. */
-export async function readAt(fd: number, buf: Buffer, at: number): Promise<void> {
-  if (!buf.length) return;
-  const n = await native.pread(fd, buf, at);
-  if (n < buf.length) buf.fill(0, n);
-}
-
-/** SEEK_DATA/SEEK_HOLE extents of a raw file as block-layer extents, covering the whole range. */
-export async function fileExtents(fd: number, offset: number, length: number): Promise<Extent[]> {
-  const out: Extent[] = [];
-  let at = offset;
-  for (const e of await native.extents(fd, offset, length)) {
-    out.push({ offset: e.offset, length: e.length, hole: !e.data, zero: !e.data });
-    at = e.offset + e.length;
-  }
-  // Past the file's end (it should not be shorter than the view) reads as zeroes.
-  if (at < offset + length) out.push({ offset: at, length: offset + length - at, hole: true, zero: true });
-  return mergeExtents(out);
-}
-
-/** Lay sorted, disjoint ranges (reserve data or recorded holes) over base extents. */
 function overlay(base: Extent[], ranges: Array<{ start: number; end: number; hole: boolean }>): Extent[] {
   const out: Extent[] = [];
   let ri = 0;

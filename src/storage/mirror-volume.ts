@@ -18,7 +18,7 @@ import { BlockError, type Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { GroupCommit, fileExtents, readAt } from './cow-volume.js';
+import { GroupCommit, fileExtents, readAt } from './io.js';
 import { Volume, SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
 
 const FORMAT_VERSION = 1;

@@ -14,6 +14,7 @@ import type { BlockLayer, Extent } from '../block/layer.js';
 import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
+import { readRuns, writeRuns } from './io.js';
 
 const UNALLOCATED = 0;
 /** deallocated on purpose: reads zero even where a base (clone parent) has data */
@@ -539,47 +540,3 @@ export class RowVolume extends Volume {
   }
 }
 
-/** pwrite each piece, merging pieces that are contiguous on disk into one vectored write. */
-async function writeRuns(fd: number, pieces: Array<{ at: number; buf: Buffer }>): Promise<void> {
-  const jobs: Promise<void>[] = [];
-  for (let i = 0; i < pieces.length; ) {
-    let j = i + 1;
-    let end = pieces[i].at + pieces[i].buf.length;
-    while (j < pieces.length && pieces[j].at === end) end += pieces[j++].buf.length;
-    jobs.push(j - i === 1 ? native.pwrite(fd, pieces[i].buf, pieces[i].at) : native.pwritev(fd, pieces.slice(i, j).map((x) => x.buf), pieces[i].at));
-    i = j;
-  }
-  await Promise.all(jobs);
-}
-
-/** pread into each destination, merging pieces contiguous on disk; zero-fill past EOF. */
-async function readRuns(fd: number, pieces: Array<{ at: number; buf: Buffer }>): Promise<void> {
-  const jobs: Promise<void>[] = [];
-  for (let i = 0; i < pieces.length; ) {
-    let j = i + 1;
-    let end = pieces[i].at + pieces[i].buf.length;
-    while (j < pieces.length && pieces[j].at === end) end += pieces[j++].buf.length;
-    const group = pieces.slice(i, j);
-    const at = pieces[i].at;
-    const want = end - at;
-    jobs.push(
-      (group.length === 1 ? native.pread(fd, group[0].buf, at) : native.preadv(fd, group.map((x) => x.buf), at)).then((n) => {
-        if (n < want) zeroFrom(group, n);
-      }),
-    );
-    i = j;
-  }
-  await Promise.all(jobs);
-}
-
-function zeroFrom(group: Array<{ buf: Buffer }>, n: number): void {
-  let skip = n;
-  for (const g of group) {
-    if (skip >= g.buf.length) {
-      skip -= g.buf.length;
-      continue;
-    }
-    g.buf.fill(0, skip);
-    skip = 0;
-  }
-}

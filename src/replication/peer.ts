@@ -1,0 +1,85 @@
+// How two snapblock servers talk: only over NBD. The secondary copy of volume V is
+// reached through the reserved export name "replica:V?<params>" that every snapblock
+// server's replication service answers (ordinary names never contain ':'):
+//
+//   op=push      (default) the primary feeds V: V is created as a secondary when missing
+//                (size, bs, mode given); a secondary V is served read-write; a V that
+//                was promoted here is served READ-ONLY, which tells the old primary that
+//                it has been failed over.
+//   op=promote   planned failover from the primary side: V becomes the primary here.
+//   op=failback  the original primary takes V back: V is demoted to a secondary here
+//                (its own clients lose write access) and served read-write so the
+//                original primary can copy what changed while it was failed over.
+import { NbdClient, type ClientOptions } from '../nbd/client.js';
+import { PoolError } from '../pool/names.js';
+
+export const REPLICA_PREFIX = 'replica:';
+export type PeerOp = 'push' | 'promote' | 'failback';
+
+export interface PeerRequest {
+  volume: string;
+  op: PeerOp;
+  size?: number;
+  blockSize?: number;
+  mode?: 'row' | 'cow' | 'mirror';
+  replMode?: 'sync' | 'async';
+  from?: string;
+}
+
+export function replicaExportName(r: PeerRequest): string {
+  const q = new URLSearchParams();
+  q.set('op', r.op);
+  if (r.size !== undefined) q.set('size', String(r.size));
+  if (r.blockSize !== undefined) q.set('bs', String(r.blockSize));
+  if (r.mode) q.set('mode', r.mode);
+  if (r.replMode) q.set('repl', r.replMode);
+  if (r.from) q.set('from', r.from);
+  return `${REPLICA_PREFIX}${r.volume}?${q.toString()}`;
+}
+
+export function parseReplicaExportName(name: string): PeerRequest | undefined {
+  if (!name.startsWith(REPLICA_PREFIX)) return undefined;
+  const rest = name.slice(REPLICA_PREFIX.length);
+  const q = rest.indexOf('?');
+  const volume = q < 0 ? rest : rest.slice(0, q);
+  const p = new URLSearchParams(q < 0 ? '' : rest.slice(q + 1));
+  const num = (k: string) => (p.has(k) ? Number(p.get(k)) : undefined);
+  const op = (p.get('op') ?? 'push') as PeerOp;
+  if (!['push', 'promote', 'failback'].includes(op)) return undefined;
+  const mode = p.get('mode') ?? undefined;
+  const repl = p.get('repl') ?? undefined;
+  return {
+    volume,
+    op,
+    size: num('size'),
+    blockSize: num('bs'),
+    mode: mode === 'row' || mode === 'cow' || mode === 'mirror' ? mode : undefined,
+    replMode: repl === 'sync' || repl === 'async' ? repl : undefined,
+    from: p.get('from') ?? undefined,
+  };
+}
+
+/** Where a backend URI points: nbd://HOST[:PORT] or nbd+unix:///?socket=PATH. */
+export function parseBackendUri(uri: string): Pick<ClientOptions, 'host' | 'port' | 'socketPath'> {
+  let u: URL;
+  try {
+    u = new URL(uri);
+  } catch {
+    throw new PoolError('EINVAL', `backend URI "${uri}" is not a URI; use nbd://HOST:PORT or nbd+unix:///?socket=PATH`);
+  }
+  if (u.protocol === 'nbd:') {
+    if (!u.hostname) throw new PoolError('EINVAL', `backend URI "${uri}" names no host`);
+    if (u.pathname && u.pathname !== '/') throw new PoolError('EINVAL', `backend URI "${uri}" must not name an export: replication picks the export per volume`);
+    return { host: u.hostname.replace(/^\[|\]$/g, ''), port: u.port ? Number(u.port) : 10809 };
+  }
+  if (u.protocol === 'nbd+unix:') {
+    const socketPath = u.searchParams.get('socket');
+    if (!socketPath) throw new PoolError('EINVAL', `backend URI "${uri}" needs ?socket=PATH`);
+    return { socketPath };
+  }
+  throw new PoolError('EINVAL', `backend URI "${uri}" must start with nbd:// or nbd+unix://`);
+}
+
+export function connectPeer(uri: string, req: PeerRequest, opts: { timeoutMs?: number; allocation?: boolean } = {}): Promise<NbdClient> {
+  return NbdClient.connect({ ...parseBackendUri(uri), exportName: replicaExportName(req), timeoutMs: opts.timeoutMs, metaContexts: opts.allocation ? ['base:allocation'] : undefined });
+}
