@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import { Pool } from './pool/pool.js';
 import { NbdServer } from './nbd/server.js';
 import { ControlServer } from './control/server.js';
+import { ReplicationService } from './replication/service.js';
 
 export interface ServeOptions {
   pool: string;
@@ -35,7 +36,8 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
         verifyClients: opts.tls.ca !== undefined,
       }
     : undefined;
-  const nbd = new NbdServer({ exports: pool, log, tls: tlsPolicy });
+  const replication = new ReplicationService(pool, log);
+  const nbd = new NbdServer({ exports: replication.exports, log, tls: tlsPolicy });
   let port: number | undefined;
   const endpoints: string[] = [];
   try {
@@ -49,6 +51,7 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
     }
   } catch (err) {
     await nbd.close();
+    await replication.stop();
     await pool.close();
     throw err;
   }
@@ -59,6 +62,7 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
     log,
   );
   await control.listen(pool.controlSocketPath);
+  await replication.start();
   log.info({ pool: pool.dir, endpoints, control: pool.controlSocketPath }, 'snapblock serving');
 
   let stopping: Promise<void> | undefined;
@@ -70,6 +74,7 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
       (stopping ??= (async () => {
         log.info('shutting down: finishing in-flight requests');
         await nbd.close();
+        await replication.stop();
         await control.close();
         await pool.close();
         fs.rmSync(pool.controlSocketPath, { force: true });

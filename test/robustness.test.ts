@@ -2,7 +2,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
-import { nbdsh, run, startServer, type RunningServer } from './helpers/server.js';
+import { lastNumberPrinted, nbdsh, run, startServer, type RunningServer } from './helpers/server.js';
 
 let srv: RunningServer;
 beforeAll(async () => {
@@ -168,14 +168,11 @@ except Exception as e:
       { env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}` } },
     );
     const writerExited = new Promise((r) => writer.once('exit', r));
-    let acked = 0;
-    writer.stdout.on('data', (c: Buffer) => {
-      const lines = c.toString().trim().split('\n');
-      acked = Number(lines[lines.length - 1]);
-    });
-    await new Promise((r) => setTimeout(r, 1500));
+    const ackedNow = lastNumberPrinted(writer.stdout);
+    for (let i = 0; i < 600 && ackedNow() < 20; i++) await new Promise((r) => setTimeout(r, 50));
     expect(await own.stop()).toBe(0);
     await writerExited;
+    const acked = ackedNow();
     expect(acked).toBeGreaterThan(10);
     expect(own.logs()).toMatch(/stopped cleanly/);
     // Restart on the same pool; every acknowledged write is there.

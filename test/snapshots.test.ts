@@ -1,7 +1,7 @@
 // Snapshots, clones, rollback and changed-block tracking for every technique,
 // judged through NBD by qemu-io, nbdsh and nbdinfo against `snapblock serve`.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cliAsync, nbdsh, run, startServer, type RunningServer } from './helpers/server.js';
+import { cliAsync, lastNumberPrinted, nbdsh, run, startServer, type RunningServer } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const MODES = (process.env.SNAPBLOCK_TEST_MODES ?? 'row,cow,mirror').split(',');
@@ -173,13 +173,12 @@ for i in range(4096):
     print(i, flush=True)
 `], { env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}` } });
       const exited = new Promise((r) => writer.once('exit', r));
-      let acked = -1;
-      writer.stdout.on('data', (c: Buffer) => (acked = Number(c.toString().trim().split('\n').pop())));
-      while (acked < 200) await new Promise((r) => setTimeout(r, 20));
-      if (mode === 'mirror') ok(srv, ['mirror', 'attach', vol, '--wait']);
-      const before = acked;
+      const acked = lastNumberPrinted(writer.stdout);
+      while (acked() < 200) await new Promise((r) => setTimeout(r, 20));
+      if (mode === 'mirror') expect((await cliAsync(srv.pool, ['mirror', 'attach', vol, '--wait'])).status).toBe(0);
+      const before = acked();
       const r = await cliAsync(srv.pool, ['snapshot', 'create', vol, 'busy']);
-      const after = acked;
+      const after = acked();
       expect(r.status, r.stderr).toBe(0);
       await exited;
       // Prefix property: blocks 0..k-1 hold their values, blocks k.. hold the old content, with before <= k-1 <= after+1.

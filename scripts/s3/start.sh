@@ -17,7 +17,8 @@
 #
 # Idempotent: with everything running it only rewrites DATA_DIR/env; with an
 # existing but stopped cluster it restarts the missing daemons (a few seconds);
-# with an empty DATA_DIR it bootstraps (about 10 s once packages are present).
+# with an empty DATA_DIR it bootstraps (7-17 s on a busy 2-core box once the
+# packages are installed; installing them takes ~85 s more).
 #
 # Settings (environment):
 #   S3_MON_PORT, S3_RGW_PORT  ports for a new cluster (default: free ones picked

@@ -9,6 +9,7 @@ import { startDaemon } from '../daemon.js';
 import type { VolumeInfo, CheckReport } from '../pool/pool.js';
 import type { ChangedExtent, SnapshotInfo } from '../storage/volume.js';
 import { diffTable, snapshotTable, table, volumeDetails, volumeTable } from './format.js';
+import { replicationCommands } from './replication.js';
 
 interface Global {
   pool: string;
@@ -205,6 +206,8 @@ export async function main(args: string[]): Promise<void> {
     .command(['snapshot', 'snap'], 'manage snapshots', (y) => snapshotCommands(y as Argv<Global>))
     .command('mirror', 'split-mirror volumes: attach, status, detach', (y) => mirrorCommands(y as Argv<Global>))
     .command('type', 'volume types', (y) => typeCommands(y as Argv<Global>))
+    .command(replicationCommands)
+    .command((await import('./backup.js')).backupCommandModules as never)
     .command(
       'check',
       'verify the pool and every volume against the format invariants (docs/FORMAT.md)',

@@ -4,6 +4,7 @@
 import { z } from 'zod';
 import type { Pool } from '../pool/pool.js';
 import { PoolError } from '../pool/names.js';
+import { replicationOperations } from './replication-ops.js';
 
 const name = z.string().min(1);
 const mode = z.enum(['row', 'cow', 'mirror']);
@@ -77,6 +78,7 @@ export const operations = {
   },
   'type.delete': { args: z.object({ name }), run: async (p: Pool, a: { name: string }) => (p.deleteType(a.name), { deleted: a.name }) },
   check: { args: z.object({ repair: z.boolean().optional() }), run: (p: Pool, a: { repair?: boolean }) => p.check(a) },
+  ...replicationOperations,
 } as const;
 
 export type OperationName = keyof typeof operations;

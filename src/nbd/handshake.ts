@@ -319,5 +319,7 @@ function upgradeToTls(raw: net.Socket, policy: TlsPolicy): Promise<tls.TLSSocket
     const secure = new tls.TLSSocket(raw, { isServer: true, secureContext: policy.context, requestCert: verify, rejectUnauthorized: verify });
     secure.once('secure', () => resolve(secure));
     secure.once('error', (err) => reject(new HangUp(`TLS handshake failed: ${err.message}`)));
+    // A peer that hangs up mid-handshake may raise no error at all.
+    secure.once('close', () => reject(new HangUp('client closed the connection during the TLS handshake')));
   });
 }

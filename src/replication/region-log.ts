@@ -19,6 +19,8 @@ export class RegionLog {
   private inProgress?: Promise<void>;
   private next?: Promise<void>;
   private closed = false;
+  /** regions set in memory whose commit is still under way */
+  private readonly pending = new Map<number, Promise<void>>();
 
   private constructor(
     private readonly fd: number,
@@ -81,16 +83,33 @@ export class RegionLog {
     return (this.bits[r >> 3] & (1 << (r & 7))) !== 0;
   }
 
-  /** Set bits r0..r1 (inclusive); resolves when durable. undefined: all were already set. */
+  /** Set bits r0..r1 (inclusive); resolves when all are durable. undefined: they already are. */
   mark(r0: number, r1: number): Promise<void> | undefined {
     let changed = false;
+    let waits: Promise<void>[] | undefined;
     for (let r = r0; r <= r1; r++) {
-      if (this.isMarked(r)) continue;
+      if (this.isMarked(r)) {
+        const p = this.pending.get(r);
+        if (p) (waits ??= []).push(p);
+        continue;
+      }
       this.bits[r >> 3] |= 1 << (r & 7);
       this.touch(r);
       changed = true;
     }
-    return changed ? this.commit() : undefined;
+    if (changed) {
+      const p = this.commit();
+      for (let r = r0; r <= r1; r++) if (!this.pending.has(r)) this.pending.set(r, p);
+      void p.then(
+        () => {
+          for (let r = r0; r <= r1; r++) if (this.pending.get(r) === p) this.pending.delete(r);
+        },
+        () => {},
+      );
+      (waits ??= []).push(p);
+    }
+    if (!waits) return undefined;
+    return waits.length === 1 ? waits[0] : Promise.all(waits).then(() => {});
   }
 
   markAll(): Promise<void> {

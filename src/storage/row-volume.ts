@@ -217,12 +217,17 @@ export class RowVolume extends Volume {
     return this.snaps[this.snaps.length - 1];
   }
 
-  /** Wait until no redirect is in progress on any block of the range. */
+  /**
+   * Wait until no redirect is in progress on any block of the range. Callers decide
+   * on pointers right after this resolves, with no await in between, so the check
+   * and the decision are atomic on the JS thread.
+   */
   private async waitUnlocked(first: number, last: number): Promise<void> {
-    if (this.locks.size === 0) return;
-    for (let l = first; l <= last; l++) {
-      const w = this.locks.get(l);
-      if (w) await w;
+    for (;;) {
+      let busy: Promise<void> | undefined;
+      if (this.locks.size) for (let l = first; l <= last && !busy; l++) busy = this.locks.get(l);
+      if (!busy) return;
+      await busy;
     }
   }
 
@@ -235,7 +240,6 @@ export class RowVolume extends Volume {
     await this.waitUnlocked(first, last);
     const newest = this.newest();
     const inPlace: Array<{ at: number; buf: Buffer }> = [];
-    const fresh: Array<{ l: number; p: number }> = [];
     const redirects: Promise<void>[] = [];
     for (let l = first; l <= last; l++) {
       const bo = l === first ? offset - l * bs : 0;
@@ -246,20 +250,21 @@ export class RowVolume extends Volume {
       const shared = newest !== undefined && this.birth[l] <= newest.gen;
       if (cur !== UNALLOCATED && cur !== ZERO && !shared) {
         inPlace.push({ at: (cur - 1) * bs + bo, buf: slice });
-      } else if ((cur === ZERO || cur === UNALLOCATED) && (n === bs || cur === ZERO || !this.opts.base)) {
+      } else if (cur === ZERO || (cur === UNALLOCATED && !this.opts.base)) {
         // A fresh or punched block reads as zeroes outside what we write.
+        // Recorded at once: until the data lands the block reads as zeroes, which is what
+        // it held before, so the record is safe early, and a concurrent in-place write to the
+        // same block that is flushed first is covered by it.
         const p = this.allocate();
         this.map[l] = p + 1;
         this.birth[l] = this.meta.gen;
-        fresh.push({ l, p: p + 1 });
+        this.journal.append(Kind.MAP, l, p + 1, this.meta.gen);
         inPlace.push({ at: p * bs + bo, buf: slice });
       } else {
         redirects.push(this.redirect(l, bo, slice, newest));
       }
     }
     await Promise.all([writeRuns(this.fd, inPlace), ...redirects]);
-    // Pointers reach the journal only once their data is written (data before pointer).
-    for (const f of fresh) this.journal.append(Kind.MAP, f.l, f.p, this.birth[f.l]);
   }
 
   /** Copy-merge a block into a newly allocated one: shared with a snapshot, or a clone block still in its base. */
@@ -398,14 +403,7 @@ export class RowVolume extends Volume {
   // ---- durability ----
 
   async flush(): Promise<void> {
-    const batch = this.journal.take();
-    const freed = this.pendingFree;
-    this.pendingFree = [];
-    await native.fdatasync(this.fd);
-    await this.journal.commit(batch);
-    // Released blocks are durable as free now: scrub, then allow reuse.
-    for (const p of freed) await native.punchHole(this.fd, p * this.meta.blockSize, this.meta.blockSize);
-    this.free.push(...freed);
+    await this.flushNoCheckpoint();
     if (this.journal.size > JOURNAL_LIMIT) await this.quiesce(() => this.checkpoint());
   }
 
@@ -421,12 +419,14 @@ export class RowVolume extends Volume {
     await this.journal.reset(epoch);
   }
 
+  /** Data, then the journal batch describing it; then released blocks become reusable. */
   private async flushNoCheckpoint(): Promise<void> {
     const batch = this.journal.take();
     const freed = this.pendingFree;
     this.pendingFree = [];
     await native.fdatasync(this.fd);
     await this.journal.commit(batch);
+    // Released blocks are durable as free now: scrub, then allow reuse.
     for (const p of freed) await native.punchHole(this.fd, p * this.meta.blockSize, this.meta.blockSize);
     this.free.push(...freed);
   }

@@ -1,7 +1,6 @@
 // A real S3 endpoint for tests (Ceph RADOS Gateway, started by scripts/s3/start.sh)
 // and a TCP fault proxy to put in front of it.
 import { execFile } from 'node:child_process';
-import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -26,7 +25,7 @@ export interface S3Endpoint {
   stop(): Promise<void>;
 }
 
-/** `export K='V'` lines written by start.sh */
+/** `export K='V'` lines printed by start.sh (and kept in DATA_DIR/env) */
 function parseEnv(text: string): Record<string, string> {
   const env: Record<string, string> = {};
   for (const m of text.matchAll(/^export (\w+)='([^']*)'$/gm)) env[m[1]] = m[2];
@@ -42,21 +41,23 @@ let leases = 0;
  * no other live process holds one, so parallel test files share one cluster.
  * A cluster started by hand (`scripts/s3/start.sh .cache/s3/ceph`) stays up
  * across test runs until `scripts/s3/stop.sh .cache/s3/ceph`.
- * First start ~9 s (plus the Debian packages once); restart on old data ~4 s.
+ * First start 7-17 s on a busy 2-core box (plus ~85 s once for the Debian
+ * packages); restart on existing data 4-8 s.
  */
 export async function startS3(): Promise<S3Endpoint> {
   const script = path.join(ROOT, 'scripts', 's3');
   const lease = `${process.pid}-${++leases}`;
+  let stdout: string;
   try {
-    await run('bash', [path.join(script, 'start.sh'), S3_DATA_DIR], {
+    ({ stdout } = await run('bash', [path.join(script, 'start.sh'), S3_DATA_DIR], {
       env: { ...process.env, S3_LEASE: lease, S3_LEASE_PID: String(process.pid) },
-      timeout: 600_000,
-    });
+      timeout: 600_000, // a first run installs the Debian packages
+    }));
   } catch (err) {
     const e = err as { stderr?: string; message: string };
     throw new Error(`scripts/s3/start.sh failed: ${e.stderr || e.message}`);
   }
-  const env = parseEnv(fs.readFileSync(path.join(S3_DATA_DIR, 'env'), 'utf8'));
+  const env = parseEnv(stdout); // the same lines as DATA_DIR/env
   const res = await fetch(env.S3_ENDPOINT, { method: 'HEAD' });
   if (!res.ok) throw new Error(`S3 endpoint ${env.S3_ENDPOINT} answered HEAD / with ${res.status}`);
   let stopped = false;

@@ -119,3 +119,15 @@ export function nbdsh(uri: string | undefined, script: string): string {
 }
 
 export const osTmp = os.tmpdir();
+
+/** Follow a child's stdout line by line and report the last number it printed. */
+export function lastNumberPrinted(stream: NodeJS.ReadableStream): () => number {
+  let last = -1;
+  let partial = '';
+  stream.on('data', (c: Buffer) => {
+    const lines = (partial + c.toString()).split('\n');
+    partial = lines.pop() ?? '';
+    for (const l of lines) if (/^\d+$/.test(l.trim())) last = Number(l.trim());
+  });
+  return () => last;
+}

@@ -1,0 +1,550 @@
+// The backup sidecar's work: create (full or incremental), restore, verify.
+//
+// Notes on the design
+// - Reads come from a read-only NBD export of a snapshot (VOLUME@SNAP) served by
+//   `snapblock serve`; this process never opens the pool, so it can crash at any
+//   point without touching volume IO.
+// - Full: base:allocation says where data is; holes are never read or uploaded.
+//   Incremental: the `snapblock:changed:<parent snapshot>` meta context of the new
+//   snapshot's export says which blocks changed since the parent's snapshot; only
+//   those are read, so the cost follows the change, not the volume.
+// - Pieces never cross a chunkSize boundary; each is hashed (sha256 of content),
+//   zero pieces become holes, known chunks (the parent chain's) are not even HEADed,
+//   others are HEADed and PUT only when absent: objects are never rewritten.
+// - Bounded memory: `concurrency` pieces in flight, each at most chunkSize (plus its
+//   compressed copy).
+// - Resume: every few seconds the chunks done so far are written to
+//   backups/<id>.partial.json; a new `backup create` of the same source finds it,
+//   skips the pieces it lists and continues. Nothing stored is uploaded twice.
+import type { Logger } from 'pino';
+import { ChunkError, chooseCodec, chunkKey, decode, encode, isZero, sha256 } from './chunk.js';
+import { manifestKey, mergeRanges, partialKey, resolveImage, sealManifest, MANIFEST_FORMAT, MANIFEST_VERSION, type ChunkEntry, type Manifest, type Range, type Segment } from './manifest.js';
+import { createProgress, type ProgressMode } from './progress.js';
+import { intersect, planPieces, subtract, total } from './ranges.js';
+import { BackupError, forEachLimit, Repository } from './repo.js';
+import { connectNbd, formatNbdUri, parseNbdUri, readRange, writeRange, zeroRange, ZERO, type NbdAddress, type PoolServer } from './source.js';
+import type { ObjectStore } from './store.js';
+import type { NbdClient } from '../nbd/client.js';
+
+export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
+export const DEFAULT_CONCURRENCY = 4;
+const CHANGED_PREFIX = 'snapblock:changed:';
+/** how often an in-progress backup records what it has stored (for resume) */
+const JOURNAL_MS = Number(process.env.SNAPBLOCK_BACKUP_JOURNAL_MS ?? 5000);
+
+export interface EngineContext {
+  store: ObjectStore;
+  log: Logger;
+  progress?: ProgressMode;
+  /** chunks in flight */
+  concurrency?: number;
+}
+
+export interface CreateOptions {
+  /** a running snapblock server and one of its volumes */
+  server?: PoolServer;
+  volume?: string;
+  /** or any NBD export (full backups only) */
+  nbdUri?: string;
+  incremental?: boolean;
+  /** back up this existing snapshot instead of taking one */
+  snapshot?: string;
+  chunkSize?: number;
+  /** resume an interrupted backup of the same source (default true) */
+  resume?: boolean;
+  /** keep the snapshots older backups took (default: only the newest is kept, as the base of the next incremental) */
+  keepSnapshots?: boolean;
+  /** test hook: stop (throw) after this many pieces */
+  failAfterPieces?: number;
+}
+
+export interface CreateResult {
+  id: string;
+  kind: 'full' | 'incremental';
+  parent: string | null;
+  snapshot: string | null;
+  resumed: boolean;
+  size: number;
+  /** bytes read from the source */
+  readBytes: number;
+  /** bytes of data (non-zero) in this backup's chunks */
+  dataBytes: number;
+  chunks: number;
+  uploadedChunks: number;
+  uploadedBytes: number;
+  /** chunks already in the store (dedup), found by HEAD or known from the parent chain */
+  existingChunks: number;
+  /** pieces skipped because the interrupted run had stored them */
+  resumedChunks: number;
+  seconds: number;
+  retries: number;
+  warnings: string[];
+}
+
+function newId(name: string): string {
+  const ts = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+  const safe = name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'backup';
+  return `${safe}.${ts}.${Math.random().toString(36).slice(2, 6)}`;
+}
+
+const sameSource = (a: Manifest['source'], b: Manifest['source']) =>
+  a.type === 'pool' && b.type === 'pool' ? a.volume === b.volume && a.volumeCreated === b.volumeCreated : a.type === 'nbd' && b.type === 'nbd' ? a.uri === b.uri : false;
+
+export async function createBackup(ctx: EngineContext, opts: CreateOptions): Promise<CreateResult> {
+  const t0 = Date.now();
+  const { store, log } = ctx;
+  const repo = new Repository(store);
+  const concurrency = ctx.concurrency ?? DEFAULT_CONCURRENCY;
+  const warnings: string[] = [];
+  const warn = (msg: string) => (warnings.push(msg), log.warn(msg));
+  await store.ensure();
+  const retries0 = store.stats.retries;
+
+  // ---- the source, the snapshot, the parent -------------------------------------
+  const all = await repo.all({ onDamaged: (key, err) => warn(`ignoring damaged manifest ${key}: ${err.message}`) });
+  let source: Manifest['source'];
+  let address: NbdAddress;
+  let resumeFrom: Manifest | undefined;
+  let parent: Manifest | undefined;
+  let chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
+  let id: string;
+  let created = new Date().toISOString();
+  const server = opts.server;
+
+  if (opts.nbdUri) {
+    const a = parseNbdUri(opts.nbdUri);
+    address = a;
+    source = { type: 'nbd', uri: formatNbdUri(a), export: a.exportName };
+    if (opts.incremental) warn('an NBD URI source has no changed-block tracking: taking a full backup (holes skipped via base:allocation)');
+    resumeFrom = opts.resume === false ? undefined : all.filter((l) => l.partial && sameSource(l.manifest.source, source)).pop()?.manifest;
+    id = resumeFrom?.id ?? newId(a.exportName);
+    if (resumeFrom) {
+      chunkSize = resumeFrom.chunkSize;
+      created = resumeFrom.created;
+    }
+  } else {
+    if (!server || !opts.volume) throw new BackupError('EINVAL', 'name a volume (with a running server) or --nbd URI');
+    const volume = opts.volume;
+    const info = await server.volumeInfo(volume);
+    const snaps = await server.snapshots(volume);
+    const snapValid = (name: string) => snaps.some((s) => s.name === name && s.status === 'valid');
+    const mine = (m: Manifest) => m.source.type === 'pool' && m.source.volume === volume && m.source.volumeCreated === info.created;
+    if (opts.resume !== false) {
+      resumeFrom = all
+        .filter((l) => l.partial && mine(l.manifest) && l.manifest.source.type === 'pool' && snapValid(l.manifest.source.snapshot) && (!opts.snapshot || l.manifest.snapshot === opts.snapshot))
+        .pop()?.manifest;
+    }
+    if (resumeFrom) {
+      id = resumeFrom.id;
+      source = resumeFrom.source;
+      chunkSize = resumeFrom.chunkSize;
+      created = resumeFrom.created;
+      if (resumeFrom.parent) parent = all.find((l) => !l.partial && l.manifest.id === resumeFrom!.parent)?.manifest;
+      if (resumeFrom.parent && !parent) throw new BackupError('ECORRUPT', `interrupted backup ${id} depends on ${resumeFrom.parent}, which is gone; delete ${id}`);
+      log.info({ id, snapshot: resumeFrom.snapshot }, 'resuming interrupted backup');
+    } else {
+      id = newId(volume);
+      let snapshot = opts.snapshot;
+      let owns = false;
+      if (snapshot) {
+        if (!snapValid(snapshot)) throw new BackupError('ENOENT', `volume ${volume} has no valid snapshot "${snapshot}"`);
+      } else {
+        snapshot = `backup-${id.split('.').slice(-2).join('.')}`;
+        await server.createSnapshot(volume, snapshot);
+        snaps.push({ name: snapshot, created: new Date().toISOString(), size: info.size, status: 'valid' });
+        owns = true;
+      }
+      source = { type: 'pool', volume, volumeCreated: info.created, snapshot, ownsSnapshot: owns };
+      if (opts.incremental) {
+        // the newest complete backup of this volume whose snapshot still exists and is older
+        const order = snaps.map((s) => s.name);
+        const candidates = all.filter((l) => !l.partial && mine(l.manifest) && l.manifest.source.type === 'pool');
+        const base = candidates
+          .filter((l) => {
+            const s = (l.manifest.source as { snapshot: string }).snapshot;
+            return snapValid(s) && order.indexOf(s) >= 0 && order.indexOf(s) < order.indexOf(snapshot!);
+          })
+          .pop();
+        if (base) parent = base.manifest;
+        else warn(candidates.length ? `no earlier backup of ${volume} has its snapshot left on the volume: taking a full backup` : `no earlier backup of ${volume}: taking a full backup`);
+      }
+    }
+    address = server.address(`${volume}@${source.type === 'pool' ? source.snapshot : ''}`);
+  }
+
+  // ---- read plan ----------------------------------------------------------
+  const lease = await repo.backupLease(id, parent?.id ?? null);
+  let nbd: NbdClient | undefined;
+  try {
+    const parentSnap = parent && parent.source.type === 'pool' ? parent.source.snapshot : undefined;
+    const changedCtx = parentSnap ? CHANGED_PREFIX + parentSnap : undefined;
+    nbd = await connectNbd(address, ['base:allocation', ...(changedCtx ? [changedCtx] : [])]);
+    if (parent && !resumeFrom && parent.chunkSize !== chunkSize) {
+      if (opts.chunkSize !== undefined) warn(`an incremental keeps its parent's chunk size (${parent.chunkSize} bytes)`);
+      chunkSize = parent.chunkSize;
+    }
+    if (changedCtx && !nbd.contexts.has(changedCtx)) {
+      if (resumeFrom) throw new BackupError('EIO', `cannot resume ${id}: the server no longer offers ${changedCtx}`);
+      warn(`the server does not offer ${changedCtx}: taking a full backup`);
+      parent = undefined;
+    }
+    const size = nbd.size;
+    if (resumeFrom && resumeFrom.size !== size) throw new BackupError('EIO', `cannot resume ${id}: the source size changed`);
+    const hasAlloc = nbd.contexts.has('base:allocation');
+    const alloc: Range[] = hasAlloc
+      ? (await nbd.map('base:allocation')).filter((e) => !(e.flags & ZERO)).map((e) => [e.offset, e.length] as Range)
+      : [[0, size]];
+    const data = mergeRanges(alloc);
+    let toRead: Range[];
+    let zeroed: Range[] = [];
+    if (parent) {
+      const changed: Range[] = (await nbd.map(changedCtx!)).filter((e) => e.flags & 1).map((e) => [e.offset, e.length] as Range);
+      if (size > parent.size) changed.push([parent.size, size - parent.size]);
+      const c = mergeRanges(changed).map(([o, l]) => [o, Math.min(l, size - o)] as Range).filter((r) => r[1] > 0);
+      toRead = intersect(c, data);
+      zeroed = subtract(c, data);
+    } else toRead = data;
+    const pieces = planPieces(toRead, chunkSize, Math.floor(chunkSize / 16));
+
+    // ---- what is stored already ---------------------------------------------
+    const known = new Map<string, number>(); // chunk key -> stored size
+    if (parent) for (const m of await repo.chain(parent.id)) for (const c of m.chunks) known.set(chunkKey(c[2], c[3]), c[4]);
+    const done = new Map<string, ChunkEntry>(); // "offset:length" -> entry
+    const zeroPieces: Range[] = [];
+    if (resumeFrom) {
+      for (const c of resumeFrom.chunks) done.set(`${c[0]}:${c[1]}`, c);
+      for (const z of resumeFrom.zeroed) zeroPieces.push(z);
+    }
+
+    const manifest: Manifest = {
+      format: MANIFEST_FORMAT,
+      version: MANIFEST_VERSION,
+      id,
+      kind: parent ? 'incremental' : 'full',
+      parent: parent?.id ?? null,
+      snapshot: source.type === 'pool' ? source.snapshot : null,
+      created,
+      completed: null,
+      source,
+      size,
+      chunkSize,
+      chunks: [],
+      zeroed: [],
+      stats: {},
+      checksum: '',
+    };
+    const entries: ChunkEntry[] = [...done.values()];
+    const stat = { readBytes: 0, dataBytes: 0, uploadedChunks: 0, uploadedBytes: 0, existingChunks: 0, resumedChunks: 0 };
+
+    // in-progress journal: one write at a time, the latest state wins
+    let journaling: Promise<void> = Promise.resolve();
+    let lastJournal = Date.now();
+    const journal = () => {
+      lastJournal = Date.now();
+      const snapshot = {
+        ...manifest,
+        chunks: [...entries].sort((a, b) => a[0] - b[0]),
+        zeroed: mergeRanges([...zeroed, ...zeroPieces]),
+        stats: { ...stat },
+      };
+      journaling = journaling.then(() => store.put(partialKey(id), sealManifest(snapshot)));
+      return journaling;
+    };
+    if (!resumeFrom) await journal();
+
+    const progress = createProgress(`backup ${id}`, ctx.progress);
+    progress.setTotal(total(pieces));
+    let count = 0;
+    try {
+      await forEachLimit(pieces, concurrency, async ([offset, length]) => {
+        if (opts.failAfterPieces !== undefined && count++ >= opts.failAfterPieces) throw new Error('failAfterPieces (test hook)');
+        if (done.has(`${offset}:${length}`)) {
+          stat.resumedChunks++;
+          progress.add(length);
+          return;
+        }
+        const buf = await readRange(nbd!, offset, length);
+        stat.readBytes += length;
+        if (isZero(buf)) {
+          if (parent) zeroPieces.push([offset, length]);
+        } else {
+          const sha = await sha256(buf);
+          const codec = await chooseCodec(buf);
+          const key = chunkKey(sha, codec);
+          let stored = known.get(key);
+          if (stored === undefined) stored = await store.head(key);
+          if (stored === undefined) {
+            const enc = await encode(buf, codec, sha);
+            await store.put(key, enc.body, { sha256: enc.sha });
+            stored = enc.body.length;
+            stat.uploadedChunks++;
+            stat.uploadedBytes += stored;
+          } else stat.existingChunks++;
+          known.set(key, stored);
+          stat.dataBytes += length;
+          entries.push([offset, length, sha, codec, stored]);
+        }
+        progress.add(length);
+        if (Date.now() - lastJournal > JOURNAL_MS) void journal().catch(() => {});
+      });
+    } catch (err) {
+      // keep what was done for the resume
+      await journal().catch(() => {});
+      throw err;
+    } finally {
+      progress.stop();
+    }
+    await journaling.catch(() => {});
+
+    // ---- seal -----------------------------------------------------------------
+    const seconds = (Date.now() - t0) / 1000;
+    manifest.chunks = entries.sort((a, b) => a[0] - b[0]);
+    manifest.zeroed = parent ? mergeRanges([...zeroed, ...zeroPieces]) : [];
+    manifest.completed = new Date().toISOString();
+    manifest.stats = { ...stat, seconds, pieces: pieces.length };
+    await store.put(manifestKey(id), sealManifest(manifest));
+    await store.delete(partialKey(id));
+
+    // Only the newest snapshot a backup took is needed (the base of the next incremental).
+    if (server && source.type === 'pool' && !opts.keepSnapshots) {
+      const current = source.snapshot;
+      const stale = new Set(
+        all
+          .filter((l) => !l.partial && l.manifest.source.type === 'pool' && sameSource(l.manifest.source, source) && l.manifest.source.ownsSnapshot && l.manifest.source.snapshot !== current)
+          .map((l) => (l.manifest.source as { snapshot: string }).snapshot),
+      );
+      for (const l of all) if (l.partial && l.manifest.source.type === 'pool') stale.delete(l.manifest.source.snapshot);
+      const existing = new Set((await server.snapshots(source.volume)).map((s) => s.name));
+      for (const s of stale) {
+        if (!existing.has(s)) continue;
+        try {
+          await server.deleteSnapshot(source.volume, s);
+        } catch (err) {
+          warn(`could not delete old backup snapshot ${source.volume}@${s}: ${(err as Error).message}`);
+        }
+      }
+    }
+    return {
+      id,
+      kind: manifest.kind,
+      parent: manifest.parent,
+      snapshot: manifest.snapshot,
+      resumed: resumeFrom !== undefined,
+      size,
+      readBytes: stat.readBytes,
+      dataBytes: stat.dataBytes,
+      chunks: entries.length,
+      uploadedChunks: stat.uploadedChunks,
+      uploadedBytes: stat.uploadedBytes,
+      existingChunks: stat.existingChunks,
+      resumedChunks: stat.resumedChunks,
+      seconds: (Date.now() - t0) / 1000,
+      retries: store.stats.retries - retries0,
+      warnings,
+    };
+  } finally {
+    await nbd?.close().catch(() => {});
+    await lease.release().catch(() => {});
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Restore
+// ---------------------------------------------------------------------------
+
+export interface RestoreOptions {
+  /** create this new volume on a running server */
+  server?: PoolServer;
+  volume?: string;
+  /** or write into an existing NBD export (at least as large); holes are zeroed */
+  nbdUri?: string;
+  /** keep a partly restored volume after a failure (default: delete it) */
+  keepPartial?: boolean;
+}
+
+export interface RestoreResult {
+  id: string;
+  target: string;
+  size: number;
+  chain: string[];
+  writtenBytes: number;
+  chunks: number;
+  seconds: number;
+  retries: number;
+}
+
+/** the chunk instance each segment comes from: consecutive segments of one chunk form one fetch */
+function groupByChunk(segs: Segment[]): Segment[][] {
+  const groups: Segment[][] = [];
+  for (const s of segs) {
+    const last = groups[groups.length - 1];
+    const l = last?.[last.length - 1];
+    if (l && l.sha === s.sha && l.codec === s.codec && l.offset - l.within === s.offset - s.within) last.push(s);
+    else groups.push([s]);
+  }
+  return groups;
+}
+
+function describeSeg(s: Segment): string {
+  return `chunk ${chunkKey(s.sha, s.codec)} (backup ${s.backup}, volume offset ${s.offset - s.within}, ${s.chunkLength} bytes)`;
+}
+
+export async function restoreBackup(ctx: EngineContext, id: string, opts: RestoreOptions): Promise<RestoreResult> {
+  const t0 = Date.now();
+  const { store } = ctx;
+  const retries0 = store.stats.retries;
+  const repo = new Repository(store);
+  const chain = await repo.chain(id);
+  const m = chain[chain.length - 1];
+  const segs = resolveImage(chain);
+  const groups = groupByChunk(segs);
+
+  // Every chunk must be there before anything is written.
+  const keys = new Map<string, Segment>();
+  for (const s of segs) if (!keys.has(chunkKey(s.sha, s.codec))) keys.set(chunkKey(s.sha, s.codec), s);
+  const missing: string[] = [];
+  await forEachLimit(keys, 16, async ([key, s]) => {
+    if ((await store.head(key)) === undefined) missing.push(describeSeg(s));
+  });
+  if (missing.length) throw new BackupError('ECORRUPT', `backup ${id} cannot be restored: ${missing.length} chunk(s) missing from ${store.description}:\n  ${missing.join('\n  ')}`);
+
+  let address: NbdAddress;
+  let createdVolume: string | undefined;
+  if (opts.nbdUri) address = parseNbdUri(opts.nbdUri);
+  else {
+    if (!opts.server || !opts.volume) throw new BackupError('EINVAL', 'name a new volume (with a running server) or --to nbd://...');
+    await opts.server.createVolume(opts.volume, m.size);
+    createdVolume = opts.volume;
+    address = opts.server.address(opts.volume);
+  }
+  let nbd: NbdClient | undefined;
+  let written = 0;
+  try {
+    nbd = await connectNbd(address);
+    if (nbd.readOnly) throw new BackupError('EINVAL', `${formatNbdUri(address)} is read-only`);
+    if (nbd.size < m.size) throw new BackupError('EINVAL', `${formatNbdUri(address)} has ${nbd.size} bytes, the backup needs ${m.size}`);
+    if (!createdVolume) {
+      // an existing export: whatever the image does not cover must read as zeros
+      const data = mergeRanges(segs.map((s) => [s.offset, s.length] as Range));
+      for (const [o, l] of subtract([[0, m.size]], data)) await zeroRange(nbd, o, l);
+    }
+    const progress = createProgress(`restore ${id}`, ctx.progress);
+    progress.setTotal(segs.reduce((n, s) => n + s.length, 0));
+    try {
+      await forEachLimit(groups, ctx.concurrency ?? DEFAULT_CONCURRENCY, async (g) => {
+        const s0 = g[0];
+        const key = chunkKey(s0.sha, s0.codec);
+        const stored = await store.get(key);
+        if (!stored) throw new BackupError('ECORRUPT', `${describeSeg(s0)} is missing`);
+        let content: Buffer;
+        try {
+          content = await decode(stored, s0.codec, s0.sha, s0.chunkLength);
+        } catch (err) {
+          if (err instanceof ChunkError) throw new BackupError('ECORRUPT', `${describeSeg(s0)} is ${err.reason}: ${err.message}; restore refused`);
+          throw err;
+        }
+        for (const s of g) {
+          await writeRange(nbd!, s.offset, content.subarray(s.within, s.within + s.length));
+          written += s.length;
+          progress.add(s.length);
+        }
+      });
+    } finally {
+      progress.stop();
+    }
+    await nbd.flush();
+  } catch (err) {
+    await nbd?.close().catch(() => {});
+    nbd = undefined;
+    if (createdVolume && !opts.keepPartial) {
+      await opts.server!.deleteVolume(createdVolume).catch(() => {});
+      (err as Error).message += ` (the partly restored volume ${createdVolume} was deleted)`;
+    }
+    throw err;
+  } finally {
+    await nbd?.close().catch(() => {});
+  }
+  return {
+    id,
+    target: createdVolume ? `volume ${createdVolume}` : formatNbdUri(address),
+    size: m.size,
+    chain: chain.map((c) => c.id),
+    writtenBytes: written,
+    chunks: groups.length,
+    seconds: (Date.now() - t0) / 1000,
+    retries: store.stats.retries - retries0,
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Verify
+// ---------------------------------------------------------------------------
+
+export interface VerifyProblem {
+  backup: string;
+  /** volume offset where the chunk starts */
+  offset: number;
+  length: number;
+  sha256: string;
+  key: string;
+  problem: 'missing' | 'corrupt' | 'size';
+  detail: string;
+}
+
+export interface VerifyResult {
+  id: string;
+  ok: boolean;
+  chain: string[];
+  chunks: number;
+  bytes: number;
+  problems: VerifyProblem[];
+  seconds: number;
+}
+
+/** Re-read every chunk the backup needs (its whole chain) and check its sha256. */
+export async function verifyBackup(ctx: EngineContext, id: string): Promise<VerifyResult> {
+  const t0 = Date.now();
+  const { store } = ctx;
+  const repo = new Repository(store);
+  const chain = await repo.chain(id);
+  const segs = resolveImage(chain);
+  // each chunk once, with every (backup, offset) that uses it
+  const uses = new Map<string, { sha: string; codec: Segment['codec']; length: number; at: Array<{ backup: string; offset: number }> }>();
+  for (const s of segs) {
+    const key = chunkKey(s.sha, s.codec);
+    const at = { backup: s.backup, offset: s.offset - s.within };
+    const u = uses.get(key);
+    if (!u) uses.set(key, { sha: s.sha, codec: s.codec, length: s.chunkLength, at: [at] });
+    else if (!u.at.some((x) => x.backup === at.backup && x.offset === at.offset)) u.at.push(at);
+  }
+  const problems: VerifyProblem[] = [];
+  let bytes = 0;
+  const progress = createProgress(`verify ${id}`, ctx.progress);
+  progress.setTotal([...uses.values()].reduce((n, u) => n + u.length, 0));
+  try {
+    await forEachLimit(uses, ctx.concurrency ?? DEFAULT_CONCURRENCY, async ([key, u]) => {
+      const stored = await store.get(key);
+      let problem: VerifyProblem['problem'] | undefined;
+      let detail = '';
+      if (!stored) {
+        problem = 'missing';
+        detail = 'object not found';
+      } else {
+        try {
+          await decode(stored, u.codec, u.sha, u.length);
+          bytes += u.length;
+        } catch (err) {
+          if (!(err instanceof ChunkError)) throw err;
+          problem = err.reason;
+          detail = err.message;
+        }
+      }
+      if (problem) for (const a of u.at) problems.push({ backup: a.backup, offset: a.offset, length: u.length, sha256: u.sha, key, problem, detail });
+      progress.add(u.length);
+    });
+  } finally {
+    progress.stop();
+  }
+  problems.sort((a, b) => a.offset - b.offset);
+  return { id, ok: problems.length === 0, chain: chain.map((c) => c.id), chunks: uses.size, bytes, problems, seconds: (Date.now() - t0) / 1000 };
+}

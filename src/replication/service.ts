@@ -1,0 +1,481 @@
+// The replication service of one server (one pool). Primary side: a ReplicationSession
+// per replicated volume, stacked over the volume's read-write export as a pool export
+// filter. Secondary side: it answers the reserved "replica:V?..." exports (peer.ts) and
+// keeps ordinary clients from writing a secondary. Failover and failback are here too.
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { BlockError, type BlockLayer, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from '../block/layer.js';
+import type { ExportProvider, OpenedExport } from '../nbd/exports.js';
+import type { Pool, ReplicationStatus } from '../pool/pool.js';
+import type { VolumeReplication } from '../pool/catalog.js';
+import { PoolError } from '../pool/names.js';
+import type { Volume } from '../storage/volume.js';
+import { ReplicationSession } from './session.js';
+import { connectPeer, parseReplicaExportName, type PeerRequest } from './peer.js';
+import { RegionLog } from './region-log.js';
+
+const services = new WeakMap<Pool, ReplicationService>();
+
+/** The running server's replication service for a pool (undefined when the CLI works in-process). */
+export function serviceOf(pool: Pool): ReplicationService | undefined {
+  return services.get(pool);
+}
+
+export const REGION_SIZE = 1024 * 1024;
+
+export function regionLogPath(pool: Pool, volume: string): string {
+  return path.join(pool.dir, 'replication', `${volume}.rlog`);
+}
+
+export function regionSizeFor(blockSize: number): number {
+  return Math.max(REGION_SIZE, blockSize);
+}
+
+export interface ServiceOptions {
+  timeoutMs?: number;
+  maxLagBytes?: number;
+}
+
+export class ReplicationService {
+  readonly exports: ExportProvider;
+  private readonly sessions = new Map<string, ReplicationSession>();
+  /** writes in flight through the filter, per volume (a demotion waits for them) */
+  private readonly writing = new Map<string, Set<Promise<unknown>>>();
+  private readonly peerLinks = new Map<string, number>();
+  private scan?: NodeJS.Timeout;
+  private stopped = false;
+  private readonly timeoutMs: number;
+  private readonly maxLagBytes: number;
+
+  constructor(
+    readonly pool: Pool,
+    private readonly log: Logger,
+    opts: ServiceOptions = {},
+  ) {
+    this.timeoutMs = opts.timeoutMs ?? Number(process.env.SNAPBLOCK_REPL_TIMEOUT_MS ?? 5000);
+    this.maxLagBytes = opts.maxLagBytes ?? Number(process.env.SNAPBLOCK_REPL_MAX_LAG ?? 64 * 1024 * 1024);
+    services.set(pool, this);
+    pool.addExportFilter((volume, layer) => new ReplicatedExport(this, volume, layer));
+    pool.setReplicationStatusSource((volume, rec) => this.statusOf(volume, rec));
+    this.exports = {
+      list: () => pool.list(),
+      open: (name) => (parseReplicaExportName(name) ? this.openPeer(name) : pool.open(name)),
+    };
+  }
+
+  /** Start a session for every volume that is a replicating primary here. */
+  async start(): Promise<void> {
+    await this.reconcile();
+    this.scan = setInterval(() => void this.reconcile().catch((err) => this.log.error({ err }, 'replication scan failed')), 2000);
+    this.scan.unref();
+  }
+
+  async reconcile(): Promise<void> {
+    if (this.stopped) return;
+    for (const { name, replication: r } of this.pool.replicatedVolumes()) {
+      if (r.role === 'primary' && r.state === 'enabled' && r.backendId && !this.sessions.has(name)) await this.startSession(name).catch((err) => this.log.error({ err, volume: name }, 'cannot start replication'));
+    }
+    for (const [name, s] of this.sessions) {
+      let r: VolumeReplication | undefined;
+      try {
+        r = this.pool.replicationOf(name);
+      } catch {
+        r = undefined; // volume deleted
+      }
+      if (!r || r.role !== 'primary' || r.state !== 'enabled') {
+        this.sessions.delete(name);
+        await s.stop();
+      }
+    }
+  }
+
+  session(volume: string): ReplicationSession | undefined {
+    return this.sessions.get(volume);
+  }
+
+  async startSession(volume: string): Promise<ReplicationSession | undefined> {
+    const existing = this.sessions.get(volume);
+    if (existing) return existing;
+    const r = this.pool.replicationOf(volume);
+    if (!r || r.role !== 'primary' || r.state !== 'enabled' || !r.backendId) return undefined;
+    const backend = this.pool.backends()[r.backendId];
+    const local = await this.pool.volume(volume);
+    if (this.sessions.has(volume)) return this.sessions.get(volume);
+    if (!backend) {
+      this.log.error({ volume, backend: r.backendId }, 'replication backend is not configured (snapblock backend add)');
+      return undefined;
+    }
+    const s = new ReplicationSession({
+      volume,
+      local,
+      settings: r,
+      backendUri: backend.uri,
+      logFile: regionLogPath(this.pool, volume),
+      log: this.log.child({ replication: volume }),
+      regionSize: regionSizeFor(local.blockSize),
+      timeoutMs: this.timeoutMs,
+      maxLagBytes: this.maxLagBytes,
+      onFailedOver: (reason) => this.markFailedOver(volume, reason),
+    });
+    this.sessions.set(volume, s);
+    s.start();
+    this.log.info({ volume, mode: r.mode, backend: r.backendId, uri: backend.uri }, 'replication session started');
+    return s;
+  }
+
+  private markFailedOver(volume: string, reason: string): void {
+    const r = this.pool.replicationOf(volume);
+    if (!r) return;
+    this.pool.setVolumeReplication(volume, { ...r, role: 'secondary', state: 'failed-over', activeBackendId: r.backendId, changed: new Date().toISOString() });
+    this.log.warn({ volume, reason }, 'volume marked failed-over');
+    const s = this.sessions.get(volume);
+    this.sessions.delete(volume);
+    void s?.stop();
+  }
+
+  // ---------------------------------------------------------------- status
+
+  statusOf(volume: string, r: VolumeReplication | undefined): { status: ReplicationStatus; details?: Record<string, unknown> } {
+    if (!r) return { status: 'disabled' };
+    const details: Record<string, unknown> = { ...r };
+    const s = this.sessions.get(volume);
+    if (s) Object.assign(details, s.status());
+    if (r.role === 'secondary' && r.state === 'enabled') details.peerConnections = this.peerLinks.get(volume) ?? 0;
+    if (r.state !== 'enabled') return { status: r.state, details };
+    if (r.role === 'primary' && r.backendId && !this.pool.backends()[r.backendId]) return { status: 'error', details: { ...details, lastError: `backend "${r.backendId}" is not configured` } };
+    if (s?.link === 'not-capable') return { status: 'not-capable', details };
+    if (s && (s.link === 'disconnected' || s.link === 'error')) return { status: 'error', details };
+    if (s?.link === 'failed-over') return { status: 'failed-over', details };
+    return { status: 'enabled', details };
+  }
+
+  // ---------------------------------------------------------------- filter hooks
+
+  /** Track a write through the filter so that a demotion can wait for it. */
+  track<T>(volume: string, p: Promise<T>): Promise<T> {
+    let set = this.writing.get(volume);
+    if (!set) this.writing.set(volume, (set = new Set()));
+    set.add(p);
+    const done = () => set.delete(p);
+    p.then(done, done);
+    return p;
+  }
+
+  private async drainWrites(volume: string): Promise<void> {
+    const set = this.writing.get(volume);
+    while (set?.size) await Promise.allSettled([...set]);
+  }
+
+  /** Why ordinary clients may not write the volume now, or undefined. */
+  fenceReason(volume: string): string | undefined {
+    let r: VolumeReplication | undefined;
+    try {
+      r = this.pool.replicationOf(volume);
+    } catch {
+      return undefined;
+    }
+    if (!r) return undefined;
+    if (r.state === 'failed-over' && r.role === 'secondary') return `volume "${volume}" has been failed over to backend "${r.activeBackendId}"; run failback to make it writable here again`;
+    if (r.role === 'secondary') return `volume "${volume}" is a replication secondary; promote it with "snapblock failover ${volume}" to write it`;
+    return undefined;
+  }
+
+  // ---------------------------------------------------------------- secondary side
+
+  private async openPeer(name: string): Promise<OpenedExport | undefined> {
+    const req = parseReplicaExportName(name)!;
+    let r: VolumeReplication | undefined;
+    let exists = true;
+    try {
+      r = this.pool.replicationOf(req.volume);
+    } catch {
+      exists = false;
+    }
+    const now = new Date().toISOString();
+    if (!exists) {
+      if (req.op !== 'push' || !req.size) return undefined;
+      await this.pool.create(req.volume, req.size, { mode: req.mode, blockSize: req.blockSize });
+      r = { mode: req.replMode ?? 'async', role: 'secondary', state: 'enabled', peer: req.from, changed: now };
+      this.pool.setVolumeReplication(req.volume, r);
+      this.log.info({ volume: req.volume, size: req.size, mode: req.mode }, 'created replication secondary');
+    }
+    if (!r) {
+      this.log.warn({ volume: req.volume }, 'refusing replication into a volume that is not a replication secondary');
+      return undefined;
+    }
+    let readOnly = false;
+    if (req.op === 'push') {
+      if (r.role === 'primary') readOnly = true; // promoted here: tells the old primary it was failed over
+      else if (req.replMode && req.replMode !== r.mode) this.pool.setVolumeReplication(req.volume, (r = { ...r, mode: req.replMode }));
+    } else if (req.op === 'promote') {
+      if (r.role === 'secondary') await this.promoteLocal(req.volume, undefined);
+      readOnly = true;
+    } else if (req.op === 'failback' && !(r.role === 'secondary' && r.state === 'enabled')) {
+      // (open runs more than once per connection: meta context negotiation, then GO)
+      if (r.role !== 'primary') return undefined;
+      // Demote: ordinary clients lose write access, their writes in flight finish first.
+      this.pool.setVolumeReplication(req.volume, { ...r, role: 'secondary', state: 'enabled', activeBackendId: undefined, changed: now });
+      await this.drainWrites(req.volume);
+      const v = await this.pool.volume(req.volume);
+      await v.flush();
+      this.log.warn({ volume: req.volume }, 'failback: volume demoted to replication secondary');
+    }
+    const v = await this.pool.volume(req.volume);
+    this.peerLinks.set(req.volume, (this.peerLinks.get(req.volume) ?? 0) + 1);
+    let released = false;
+    return {
+      name,
+      description: `replication secondary of ${req.volume}`,
+      layer: new PeerLayer(this, req.volume, v, readOnly),
+      release: async () => {
+        if (released) return;
+        released = true;
+        this.peerLinks.set(req.volume, (this.peerLinks.get(req.volume) ?? 1) - 1);
+        await v.flush();
+      },
+    };
+  }
+
+  /** Make a secondary here the writable primary (failover run on the secondary's pool). */
+  async promoteLocal(volume: string, backendId: string | undefined): Promise<VolumeReplication> {
+    const next = promoteVolume(this.pool, volume, backendId);
+    this.log.warn({ volume }, 'failover: secondary promoted to primary');
+    return next;
+  }
+
+  /** Copy every region again (e.g. after a rollback, which bypasses the export). */
+  async resync(volume: string): Promise<void> {
+    const s = this.sessions.get(volume);
+    this.sessions.delete(volume);
+    if (s) await s.stop();
+    await markForResync(this.pool, volume);
+    await this.startSession(volume);
+  }
+
+  // ---------------------------------------------------------------- failover / failback
+
+  /**
+   * Run on the secondary's pool: promote it (the primary may be dead; it fences itself
+   * when it sees the promotion). Run on the primary's pool: planned failover — catch up,
+   * fence writes here, flush the secondary, then promote it over the replication link.
+   */
+  async failover(volume: string, backendId?: string): Promise<VolumeReplication> {
+    const r = this.pool.replicationOf(volume);
+    if (!r) throw new PoolError('EINVAL', `volume "${volume}" is not replicated`);
+    if (r.role === 'secondary' && r.state === 'enabled') return this.promoteLocal(volume, backendId);
+    if (r.role !== 'primary' || r.state !== 'enabled') throw new PoolError('EINVAL', `volume "${volume}" is ${r.state} (${r.role}); nothing to fail over`);
+    if (backendId && backendId !== r.backendId) throw new PoolError('EINVAL', `volume "${volume}" replicates to backend "${r.backendId}", not "${backendId}"`);
+    const s = this.sessions.get(volume);
+    if (!s) throw new PoolError('EINVAL', `volume "${volume}" has no running replication session; run failover against the secondary's pool`);
+    await s.drain(30_000);
+    await s.fence();
+    const uri = this.pool.backends()[r.backendId!].uri;
+    try {
+      await s.remote?.flush();
+      const c = await connectPeer(uri, { volume, op: 'promote' }, { timeoutMs: this.timeoutMs });
+      await c.close();
+    } catch (err) {
+      const failed: VolumeReplication = { ...r, state: 'failover-error', changed: new Date().toISOString() };
+      this.pool.setVolumeReplication(volume, failed);
+      this.sessions.delete(volume);
+      await s.stop();
+      throw new PoolError('EINVAL', `failover of "${volume}" fenced it here but could not promote the secondary (${(err as Error).message}); run failover against the secondary's pool`);
+    }
+    this.sessions.delete(volume);
+    await s.stop();
+    const next: VolumeReplication = { ...r, role: 'secondary', state: 'failed-over', activeBackendId: r.backendId, changed: new Date().toISOString() };
+    this.pool.setVolumeReplication(volume, next);
+    return next;
+  }
+
+  async failback(volume: string, onProgress?: (done: number, total: number) => void): Promise<{ replication: VolumeReplication; copiedBytes: number }> {
+    const res = await failbackVolume(this.pool, volume, this.log, this.timeoutMs, onProgress);
+    await this.startSession(volume);
+    return res;
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearInterval(this.scan);
+    await Promise.all([...this.sessions.values()].map((s) => s.stop({ drainMs: 2000 })));
+    this.sessions.clear();
+  }
+}
+
+/**
+ * Failback, run on the original primary's pool while the volume is failed over: the
+ * secondary (the active copy) is demoted over the link, every region that differs is
+ * copied back here (holes on both sides skipped), then this copy is the primary again
+ * and replication resumes with nothing dirty.
+ */
+export async function failbackVolume(pool: Pool, volume: string, log: Logger, timeoutMs: number, onProgress?: (done: number, total: number) => void): Promise<{ replication: VolumeReplication; copiedBytes: number }> {
+  const r = pool.replicationOf(volume);
+  if (!r || r.state !== 'failed-over' || r.role !== 'secondary' || !r.activeBackendId) {
+    throw new PoolError('EINVAL', `volume "${volume}" is not failed over from this pool; run failback against the original primary's pool`);
+  }
+  const backend = pool.backends()[r.activeBackendId];
+  if (!backend) throw new PoolError('ENOENT', `backend "${r.activeBackendId}" is not configured`);
+  const local = await pool.volume(volume);
+  const c = await connectPeer(backend.uri, { volume, op: 'failback' }, { timeoutMs, allocation: true });
+  let copied = 0;
+  try {
+    if (c.readOnly) throw new PoolError('EINVAL', `backend "${r.activeBackendId}" refused to hand "${volume}" back`);
+    if (c.size !== local.size) throw new PoolError('EINVAL', `"${volume}" has ${c.size} bytes on the backend and ${local.size} here`);
+    const step = regionSizeFor(local.blockSize);
+    const remoteMap = await c.map('base:allocation');
+    let mi = 0;
+    const remoteZero = (off: number, end: number) => {
+      while (mi < remoteMap.length && remoteMap[mi].offset + remoteMap[mi].length <= off) mi++;
+      for (let i = mi; i < remoteMap.length && remoteMap[i].offset < end; i++) if (!(remoteMap[i].flags & 2)) return false;
+      return true;
+    };
+    for (let at = 0; at < local.size; at += step) {
+      const end = Math.min(local.size, at + step);
+      const ext = await local.extents(at, end - at);
+      const localZero = ext.every((e) => e.zero) && ext.length > 0 && ext[ext.length - 1].offset + ext[ext.length - 1].length >= end;
+      if (localZero && remoteZero(at, end)) continue;
+      const [theirs, ours] = await Promise.all([c.read(at, end - at), local.read(at, end - at)]);
+      if (!theirs.equals(ours)) {
+        await local.write(at, theirs);
+        copied += end - at;
+      }
+      onProgress?.(end, local.size);
+    }
+    await local.flush();
+  } finally {
+    await c.close().catch(() => {});
+  }
+  // Both copies are equal now: nothing is dirty, the initial sync is done.
+  const rlog = RegionLog.open(regionLogPath(pool, volume), local.size, regionSizeFor(local.blockSize));
+  rlog.clearAll();
+  await rlog.setInitialSyncDone(true);
+  await rlog.close();
+  const next: VolumeReplication = { ...r, role: 'primary', state: 'enabled', activeBackendId: undefined, changed: new Date().toISOString() };
+  pool.setVolumeReplication(volume, next);
+  log.warn({ volume, copiedBytes: copied }, 'failback: volume is the primary again');
+  return { replication: next, copiedBytes: copied };
+}
+
+/** Promote a secondary in the catalog: role primary, status failed-over. */
+export function promoteVolume(pool: Pool, volume: string, backendId: string | undefined): VolumeReplication {
+  const r = pool.replicationOf(volume);
+  if (!r || r.role !== 'secondary' || r.state !== 'enabled') throw new PoolError('EINVAL', `volume "${volume}" is not a replication secondary here`);
+  if (backendId && !pool.backends()[backendId]) throw new PoolError('ENOENT', `no backend "${backendId}" (snapblock backend add)`);
+  const next: VolumeReplication = { ...r, role: 'primary', state: 'failed-over', backendId: backendId ?? r.backendId, activeBackendId: undefined, changed: new Date().toISOString() };
+  pool.setVolumeReplication(volume, next);
+  return next;
+}
+
+/** Set every bit of a volume's region log: the next session copies everything. */
+export async function markForResync(pool: Pool, volume: string): Promise<void> {
+  const v = await pool.volume(volume);
+  const rlog = RegionLog.open(regionLogPath(pool, volume), v.size, regionSizeFor(v.blockSize));
+  await rlog.markAll();
+  await rlog.close();
+}
+
+/** The read-write export of a volume as ordinary clients see it: replicated, fenced or plain. */
+class ReplicatedExport implements BlockLayer {
+  constructor(
+    private readonly svc: ReplicationService,
+    private readonly volume: string,
+    private readonly layer: BlockLayer,
+  ) {}
+
+  get size(): number {
+    return this.layer.size;
+  }
+  get caps(): Capabilities {
+    return this.layer.caps;
+  }
+
+  private guard(): ReplicationSession | undefined {
+    const why = this.svc.fenceReason(this.volume);
+    if (why) throw new BlockError('EPERM', why);
+    return this.svc.session(this.volume);
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.layer.read(offset, length);
+  }
+  async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    const s = this.guard();
+    return this.svc.track(this.volume, s ? s.write(offset, data, flags) : this.layer.write(offset, data, flags));
+  }
+  async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+    const s = this.guard();
+    return this.svc.track(this.volume, s ? s.trim(offset, length, flags) : this.layer.trim(offset, length, flags));
+  }
+  async zero(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    const s = this.guard();
+    return this.svc.track(this.volume, s ? s.zero(offset, length, flags) : this.layer.zero(offset, length, flags));
+  }
+  async flush(): Promise<void> {
+    const s = this.svc.session(this.volume);
+    return s ? s.flush() : this.layer.flush();
+  }
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.layer.extents(offset, length);
+  }
+  cache(offset: number, length: number): Promise<void> {
+    return this.layer.cache(offset, length);
+  }
+  async close(): Promise<void> {}
+}
+
+/** The secondary copy as the primary writes it; refuses writes once promoted here. */
+class PeerLayer implements BlockLayer {
+  readonly caps: Capabilities;
+
+  constructor(
+    private readonly svc: ReplicationService,
+    private readonly volume: string,
+    private readonly v: Volume,
+    readOnly: boolean,
+  ) {
+    this.caps = { ...v.caps, readOnly, multiConn: false };
+  }
+
+  get size(): number {
+    return this.v.size;
+  }
+
+  private guard(): void {
+    if (this.caps.readOnly) throw new BlockError('EPERM', `"${this.volume}" is the primary here`);
+    let r: VolumeReplication | undefined;
+    try {
+      r = this.svc.pool.replicationOf(this.volume);
+    } catch {
+      throw new BlockError('EIO', `volume "${this.volume}" no longer exists`);
+    }
+    if (r?.role !== 'secondary') throw new BlockError('EPERM', `"${this.volume}" has been promoted to primary here`);
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.v.read(offset, length);
+  }
+  async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    this.guard();
+    return this.v.write(offset, data, flags);
+  }
+  async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+    this.guard();
+    return this.v.trim(offset, length, flags);
+  }
+  async zero(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    this.guard();
+    return this.v.zero(offset, length, flags);
+  }
+  flush(): Promise<void> {
+    return this.v.flush();
+  }
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.v.extents(offset, length);
+  }
+  cache(offset: number, length: number): Promise<void> {
+    return this.v.cache(offset, length);
+  }
+  async close(): Promise<void> {}
+}
+
+export type { PeerRequest };

@@ -1,0 +1,631 @@
+// One replication session: the primary side of a replicated volume. It sits between the
+// NBD sessions of the volume's read-write export and the volume (a filter), and feeds the
+// secondary copy over one pipelined NBD connection (docs/REPLICATION.md).
+//
+//   sync   a write is acknowledged when the volume AND the secondary completed it; FUA
+//          travels along; FLUSH = local flush + remote flush.
+//   async  a write is acknowledged when the volume completed it; a copy is queued and
+//          shipped in write order (overlapping writes never in flight together; FLUSH is
+//          a barrier that the secondary also executes). The queue is bounded: past
+//          maxLagBytes, writes wait (bounded lag).
+//
+// Every write first marks its regions in the persisted region log (region-log.ts). When
+// the link is lost, writes mark regions as needing resync instead of shipping; when it
+// returns (or after a restart of either side) only marked regions are copied.
+import type { Logger } from 'pino';
+import { BlockError, type WriteFlags, type ZeroFlags } from '../block/layer.js';
+import type { NbdClient } from '../nbd/client.js';
+import type { Volume } from '../storage/volume.js';
+import type { VolumeReplication } from '../pool/catalog.js';
+import { RegionLog } from './region-log.js';
+import { connectPeer } from './peer.js';
+
+export type LinkState = 'connecting' | 'syncing' | 'replicating' | 'disconnected' | 'not-capable' | 'error' | 'failed-over' | 'stopped';
+
+export interface SessionOptions {
+  volume: string;
+  local: Volume;
+  settings: VolumeReplication;
+  backendUri: string;
+  logFile: string;
+  log: Logger;
+  regionSize: number;
+  /** per-request timeout on the link: a silent peer counts as lost after this */
+  timeoutMs: number;
+  /** async: queued bytes beyond which writes wait */
+  maxLagBytes: number;
+  /** the peer has been promoted: fence the volume here */
+  onFailedOver(reason: string): void;
+}
+
+type Kind = 'write' | 'trim' | 'zero' | 'flush';
+
+interface Entry {
+  kind: Kind;
+  offset: number;
+  length: number;
+  data?: Buffer;
+  mayTrim?: boolean;
+  r0: number;
+  r1: number;
+  queued: number;
+}
+
+interface Active {
+  start: number;
+  end: number;
+  done: Promise<void>;
+}
+
+const MAX_SHIP_ENTRIES = 64;
+const MAX_SHIP_BYTES = 32 * 1024 * 1024;
+const COPY_PARALLEL = 8;
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export class ReplicationSession {
+  link: LinkState = 'connecting';
+  lastError?: string;
+  /** sync mode running as async because the link was lost (onLinkLoss: degrade) */
+  degraded = false;
+  resyncedBytes = 0;
+  progress = { phase: 'none' as 'none' | 'initial' | 'resync', done: 0, total: 0 };
+
+  private client?: NbdClient;
+  private readonly rlog: RegionLog;
+  private readonly need: Uint8Array;
+  private needCount = 0;
+  private readonly inflight = new Map<number, number>();
+  private readonly drainWaiters = new Map<number, Array<() => void>>();
+  private readonly locks = new Map<number, Promise<void>>();
+  private touched = new Set<number>();
+  private prevTouched = new Set<number>();
+  private readonly active = new Set<Active>();
+  private cleanWaiters: Array<{ r0: number; r1: number; resolve: () => void; reject: (e: Error) => void }> = [];
+  private readonly queue: Entry[] = [];
+  private readonly shipping = new Set<Entry>();
+  private shippingBytes = 0;
+  private queuedBytes = 0;
+  private roomWaiters: Array<() => void> = [];
+  private stopped = false;
+  private fenced = false;
+  private timer?: NodeJS.Timeout;
+  private connecting?: Promise<void>;
+  private cleaning = false;
+  private readonly size: number;
+
+  constructor(private readonly o: SessionOptions) {
+    this.size = o.local.size;
+    this.rlog = RegionLog.open(o.logFile, this.size, o.regionSize);
+    this.need = new Uint8Array(Math.ceil(this.rlog.count / 8));
+  }
+
+  get mode(): 'sync' | 'async' {
+    return this.o.settings.mode === 'sync' && !this.degraded ? 'sync' : 'async';
+  }
+
+  start(): void {
+    this.timer = setInterval(() => void this.cleanCycle(), 1000);
+    this.timer.unref();
+    this.reconnect();
+  }
+
+  // ---------------------------------------------------------------- status
+
+  status(): Record<string, unknown> {
+    const oldest = this.queue[0] ?? [...this.shipping][0];
+    const needBytes = this.needCount * this.o.regionSize;
+    return {
+      link: this.link,
+      mode: this.o.settings.mode,
+      effectiveMode: this.mode,
+      degraded: this.degraded,
+      lagBytes: this.queuedBytes + needBytes,
+      lagSeconds: oldest ? (Date.now() - oldest.queued) / 1000 : needBytes ? null : 0,
+      queuedBytes: this.queuedBytes,
+      dirtyRegions: this.needCount,
+      dirtyBytes: needBytes,
+      regionSize: this.o.regionSize,
+      loggedRegions: this.rlog.markedCount(),
+      initialSyncDone: this.rlog.initialSyncDone,
+      progress: this.progress,
+      resyncedBytes: this.resyncedBytes,
+      lastError: this.lastError,
+    };
+  }
+
+  /** Resolves when nothing is queued or waiting for resync and the link is up. */
+  async drain(timeoutMs: number): Promise<void> {
+    const until = Date.now() + timeoutMs;
+    while (!(this.link === 'replicating' && this.needCount === 0 && this.queue.length === 0 && this.shipping.size === 0)) {
+      if (Date.now() > until) throw new Error(`replication of "${this.o.volume}" did not catch up within ${timeoutMs} ms (link ${this.link}, ${this.needCount} dirty regions, ${this.queuedBytes} bytes queued)`);
+      if (this.link === 'failed-over' || this.link === 'stopped') throw new Error(`replication of "${this.o.volume}" is ${this.link}`);
+      await sleep(50);
+    }
+  }
+
+  // ---------------------------------------------------------------- write path
+
+  private regions(offset: number, length: number): [number, number] {
+    const rs = this.o.regionSize;
+    return [Math.floor(offset / rs), Math.floor((offset + Math.max(length, 1) - 1) / rs)];
+  }
+
+  private checkWritable(): void {
+    if (this.fenced || this.link === 'failed-over') throw new BlockError('EPERM', `volume "${this.o.volume}" has been failed over to its secondary; it is read-only here`);
+    if (this.stopped) throw new BlockError('ESHUTDOWN', 'replication is stopping');
+  }
+
+  write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    return this.op({ kind: 'write', offset, length: data.length, data }, flags.fua ?? false);
+  }
+
+  trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+    return this.op({ kind: 'trim', offset, length }, flags.fua ?? false);
+  }
+
+  zero(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    if (!flags.mayTrim && flags.fast) throw new BlockError('ENOTSUP', 'zeroing without deallocating is not fast here');
+    return this.op({ kind: 'zero', offset, length, mayTrim: flags.mayTrim }, flags.fua ?? false);
+  }
+
+  async flush(): Promise<void> {
+    const c = this.client;
+    if (this.mode === 'sync') {
+      const remote = c && this.link === 'replicating' ? c.flush().then(() => true, (err: Error) => (this.linkLost(c, err), false)) : Promise.resolve(false);
+      const [, ok] = await Promise.all([this.o.local.flush(), remote]);
+      if (!ok && this.o.settings.onLinkLoss !== 'degrade' && !this.degraded && this.link !== 'failed-over') {
+        // RPO 0: the flush completes when the secondary is back and has caught up.
+        await this.waitClean(0, this.rlog.count - 1);
+      }
+      return;
+    }
+    await this.o.local.flush();
+    if (c && (this.queue.length || this.shipping.size)) {
+      this.queue.push({ kind: 'flush', offset: 0, length: 0, r0: 0, r1: -1, queued: Date.now() });
+      this.pump();
+    }
+  }
+
+  /** Overlapping operations run one after the other, so both copies apply them in the same order. */
+  private async exclusive(start: number, end: number): Promise<() => void> {
+    for (;;) {
+      let blocker: Active | undefined;
+      for (const a of this.active) if (a.start < end && start < a.end) blocker = a;
+      if (!blocker) break;
+      await blocker.done;
+    }
+    let release!: () => void;
+    const a: Active = { start, end, done: new Promise<void>((r) => (release = r)) };
+    this.active.add(a);
+    return () => {
+      this.active.delete(a);
+      release();
+    };
+  }
+
+  private async op(e: Omit<Entry, 'r0' | 'r1' | 'queued'>, fua: boolean): Promise<void> {
+    this.checkWritable();
+    const [r0, r1] = this.regions(e.offset, e.length);
+    const release = await this.exclusive(e.offset, e.offset + e.length);
+    let entered = false;
+    try {
+      await this.waitUnlocked(r0, r1);
+      this.enter(r0, r1);
+      entered = true;
+      const m = this.rlog.mark(r0, r1);
+      if (m) await m;
+      this.checkWritable();
+      const local = () => this.applyLocal(e, fua);
+      const linked = () => this.client !== undefined && (this.link === 'replicating' || this.link === 'syncing') && !this.anyNeed(r0, r1);
+      if (this.mode === 'sync') {
+        const c = this.client;
+        if (c && linked()) {
+          const remote = this.applyRemote(c, e, fua).then(
+            () => true,
+            (err: Error) => (this.linkLost(c, err), false),
+          );
+          const [, ok] = await Promise.all([local(), remote]);
+          if (ok) return;
+        } else await local();
+        this.setNeed(r0, r1);
+        if (this.link === 'failed-over') throw new BlockError('EPERM', `volume "${this.o.volume}" was failed over while this write was in flight`);
+        if (this.o.settings.onLinkLoss === 'degrade') {
+          this.degrade();
+          return;
+        }
+        // block: acknowledged only once the secondary has the region again
+        this.leave(r0, r1);
+        entered = false;
+        await this.waitClean(r0, r1);
+        return;
+      }
+      await local();
+      if (linked()) {
+        this.enter(r0, r1); // held until shipped
+        const data = e.data ? Buffer.from(e.data) : undefined;
+        this.queue.push({ ...e, data, r0, r1, queued: Date.now() });
+        this.queuedBytes += e.length;
+        this.pump();
+      } else this.setNeed(r0, r1);
+    } finally {
+      if (entered) this.leave(r0, r1);
+      release();
+    }
+    // async back-pressure: bounded lag
+    while (this.queuedBytes > this.o.maxLagBytes && this.client && !this.stopped) await new Promise<void>((r) => this.roomWaiters.push(r));
+  }
+
+  private degrade(): void {
+    if (this.degraded || this.o.settings.mode !== 'sync') return;
+    this.degraded = true;
+    this.o.log.warn({ volume: this.o.volume }, 'sync replication degraded to async: link lost (onLinkLoss=degrade)');
+  }
+
+  private applyLocal(e: Omit<Entry, 'r0' | 'r1' | 'queued'>, fua: boolean): Promise<void> {
+    const v = this.o.local;
+    if (e.kind === 'write') return v.write(e.offset, e.data!, { fua });
+    if (e.kind === 'trim') return v.trim(e.offset, e.length, { fua });
+    return v.zero(e.offset, e.length, { fua, mayTrim: e.mayTrim });
+  }
+
+  private applyRemote(c: NbdClient, e: Omit<Entry, 'r0' | 'r1' | 'queued'>, fua: boolean): Promise<void> {
+    if (e.kind === 'write') return c.write(e.offset, e.data!, fua);
+    if (e.kind === 'trim') return c.trim(e.offset, e.length, fua);
+    if (e.kind === 'flush') return c.flush();
+    return c.zero(e.offset, e.length, { noHole: !e.mayTrim, fua });
+  }
+
+  // ---------------------------------------------------------------- region bookkeeping
+
+  private enter(r0: number, r1: number): void {
+    for (let r = r0; r <= r1; r++) {
+      this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
+      this.touched.add(r);
+    }
+  }
+
+  private leave(r0: number, r1: number): void {
+    for (let r = r0; r <= r1; r++) {
+      const n = (this.inflight.get(r) ?? 1) - 1;
+      if (n > 0) {
+        this.inflight.set(r, n);
+        continue;
+      }
+      this.inflight.delete(r);
+      const w = this.drainWaiters.get(r);
+      if (w) {
+        this.drainWaiters.delete(r);
+        for (const f of w) f();
+      }
+    }
+  }
+
+  private async waitUnlocked(r0: number, r1: number): Promise<void> {
+    for (;;) {
+      let l: Promise<void> | undefined;
+      for (let r = r0; r <= r1 && !l; r++) l = this.locks.get(r);
+      if (!l) return;
+      await l;
+    }
+  }
+
+  private isNeed(r: number): boolean {
+    return (this.need[r >> 3] & (1 << (r & 7))) !== 0;
+  }
+
+  private anyNeed(r0: number, r1: number): boolean {
+    for (let r = r0; r <= r1; r++) if (this.isNeed(r)) return true;
+    return false;
+  }
+
+  private setNeed(r0: number, r1: number): void {
+    for (let r = r0; r <= r1; r++) {
+      if (this.isNeed(r)) continue;
+      this.need[r >> 3] |= 1 << (r & 7);
+      this.needCount++;
+    }
+  }
+
+  private clearNeed(r: number): void {
+    if (!this.isNeed(r)) return;
+    this.need[r >> 3] &= ~(1 << (r & 7));
+    this.needCount--;
+    if (this.cleanWaiters.length) {
+      this.cleanWaiters = this.cleanWaiters.filter((w) => {
+        if (this.anyNeed(w.r0, w.r1)) return true;
+        w.resolve();
+        return false;
+      });
+    }
+  }
+
+  private waitClean(r0: number, r1: number): Promise<void> {
+    if (!this.anyNeed(r0, r1)) return Promise.resolve();
+    return new Promise((resolve, reject) => this.cleanWaiters.push({ r0, r1, resolve, reject }));
+  }
+
+  private *needed(): Generator<number> {
+    for (let i = 0; i < this.need.length; i++) {
+      const b = this.need[i];
+      if (!b) continue;
+      for (let j = 0; j < 8; j++) if (b & (1 << j)) yield i * 8 + j;
+    }
+  }
+
+  // ---------------------------------------------------------------- async shipping
+
+  private pump(): void {
+    const c = this.client;
+    if (!c) return;
+    while (this.queue.length && this.shipping.size < MAX_SHIP_ENTRIES && this.shippingBytes < MAX_SHIP_BYTES) {
+      for (const s of this.shipping) if (s.kind === 'flush') return; // barrier in flight
+      const e = this.queue[0];
+      if (e.kind === 'flush' && this.shipping.size) return; // barrier waits for everything before it
+      for (const s of this.shipping) if (s.offset < e.offset + e.length && e.offset < s.offset + s.length) return; // write order for overlaps
+      this.queue.shift();
+      this.shipping.add(e);
+      this.shippingBytes += e.length;
+      this.applyRemote(c, e, false).then(
+        () => {
+          this.shipping.delete(e);
+          this.shipped(e);
+          this.pump();
+        },
+        (err: Error) => {
+          this.shipping.delete(e);
+          if (e.kind !== 'flush') this.setNeed(e.r0, e.r1);
+          this.shipped(e);
+          this.linkLost(c, err);
+        },
+      );
+    }
+  }
+
+  private shipped(e: Entry): void {
+    this.shippingBytes -= e.length;
+    this.queuedBytes -= e.length;
+    if (e.kind !== 'flush') this.leave(e.r0, e.r1);
+    if (this.queuedBytes <= this.o.maxLagBytes && this.roomWaiters.length) {
+      const w = this.roomWaiters;
+      this.roomWaiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  /** The queue's content goes back to the region bitmap (the link is down). */
+  private unqueue(): void {
+    for (const e of this.queue.splice(0)) {
+      if (e.kind !== 'flush') this.setNeed(e.r0, e.r1);
+      this.shipped(e);
+    }
+    const w = this.roomWaiters;
+    this.roomWaiters = [];
+    for (const f of w) f();
+  }
+
+  // ---------------------------------------------------------------- link management
+
+  private linkLost(c: NbdClient, err: Error): void {
+    if (c !== this.client) return;
+    this.client = undefined;
+    void c.close().catch(() => {});
+    const errno = (err as { errno?: number }).errno;
+    if (errno === 1) return this.failedOver('the secondary refused a write (EPERM): it has been promoted');
+    this.lastError = err.message;
+    this.link = 'disconnected';
+    this.o.log.warn({ volume: this.o.volume, err: err.message }, 'replication link lost; tracking dirty regions');
+    this.unqueue();
+    if (this.o.settings.mode === 'sync' && this.o.settings.onLinkLoss === 'degrade') this.degrade();
+    this.reconnect();
+  }
+
+  private failedOver(reason: string): void {
+    if (this.link === 'failed-over') return;
+    this.link = 'failed-over';
+    this.fenced = true;
+    this.lastError = reason;
+    this.o.log.warn({ volume: this.o.volume, reason }, 'volume failed over to its secondary; fenced read-only here');
+    this.unqueue();
+    const e = new BlockError('EPERM', `volume "${this.o.volume}" has been failed over: ${reason}`);
+    for (const w of this.cleanWaiters.splice(0)) w.reject(e);
+    this.o.onFailedOver(reason);
+  }
+
+  private reconnect(): void {
+    if (this.connecting || this.stopped) return;
+    this.connecting = this.connectLoop().finally(() => (this.connecting = undefined));
+  }
+
+  private async connectLoop(): Promise<void> {
+    let delay = 200;
+    while (!this.stopped && this.link !== 'failed-over') {
+      let c: NbdClient | undefined;
+      try {
+        const s = this.o.settings;
+        c = await connectPeer(
+          this.o.backendUri,
+          { volume: this.o.volume, op: 'push', size: this.size, blockSize: this.o.local.blockSize, mode: this.o.local.mode, replMode: s.mode },
+          { timeoutMs: this.o.timeoutMs, allocation: true },
+        );
+        if (this.stopped) {
+          await c.close();
+          return;
+        }
+        if (c.readOnly) {
+          await c.close().catch(() => {});
+          return this.failedOver('the secondary has been promoted to primary');
+        }
+        if (c.size !== this.size) throw Object.assign(new Error(`the secondary has ${c.size} bytes but the volume has ${this.size}`), { permanent: true });
+        this.client = c;
+        this.lastError = undefined;
+        this.link = 'syncing';
+        this.o.log.info({ volume: this.o.volume, backend: this.o.settings.backendId }, 'replication link up');
+        // Whatever the log holds may differ (unflushed on the secondary, or written while apart).
+        for (const r of this.rlog.marked()) this.setNeed(r, r);
+        if (!this.rlog.initialSyncDone) await this.initialScan(c);
+        await this.resync(c);
+        if (this.client !== c) continue;
+        if (!this.rlog.initialSyncDone) await this.rlog.setInitialSyncDone(true);
+        this.link = 'replicating';
+        if (this.degraded && this.needCount === 0) {
+          this.degraded = false;
+          this.o.log.info({ volume: this.o.volume }, 'sync replication restored');
+        }
+        this.pump();
+        return;
+      } catch (err) {
+        const msg = (err as Error).message;
+        if (c && this.client === c) this.client = undefined;
+        if (c) void c.close().catch(() => {});
+        this.lastError = msg;
+        if (/refused|no export/i.test(msg)) this.link = 'not-capable';
+        else if ((err as { permanent?: boolean }).permanent) this.link = 'error';
+        else this.link = 'disconnected';
+        this.o.log.debug({ volume: this.o.volume, err: msg }, 'replication connect failed');
+        await sleep(delay);
+        delay = Math.min(delay * 2, 2000);
+      }
+    }
+  }
+
+  /** Initial full sync: only regions with data here, or not zero there, need copying. */
+  private async initialScan(c: NbdClient): Promise<void> {
+    const rs = this.o.regionSize;
+    const want = new Uint8Array(this.need.length);
+    const set = (off: number, len: number) => {
+      for (let r = Math.floor(off / rs); r <= Math.floor((off + len - 1) / rs); r++) want[r >> 3] |= 1 << (r & 7);
+    };
+    for (let at = 0; at < this.size; ) {
+      const ext = await this.o.local.extents(at, Math.min(this.size - at, 1 << 30));
+      if (!ext.length) break;
+      for (const e of ext) {
+        if (!e.zero) set(e.offset, e.length);
+        at = e.offset + e.length;
+      }
+    }
+    for (const e of await c.map('base:allocation')) if (!(e.flags & 2)) set(e.offset, e.length);
+    for (let r = 0; r < this.rlog.count; r++) {
+      if (want[r >> 3] & (1 << (r & 7))) continue;
+      if (this.inflight.has(r) || this.touched.has(r)) continue; // written meanwhile: copy it
+      this.clearNeed(r);
+      this.rlog.clear(r);
+    }
+    await this.rlog.commit();
+    this.progress = { phase: 'initial', done: 0, total: this.needCount * rs };
+    this.o.log.info({ volume: this.o.volume, bytes: this.needCount * rs, regions: this.needCount }, 'initial sync: copying allocated regions');
+  }
+
+  private async resync(c: NbdClient): Promise<void> {
+    if (!this.needCount) return;
+    if (this.progress.phase !== 'initial') this.progress = { phase: 'resync', done: 0, total: this.needCount * this.o.regionSize };
+    const t0 = Date.now();
+    let copied = 0;
+    while (this.needCount && this.client === c) {
+      const batch = [...this.needed()];
+      let i = 0;
+      const worker = async () => {
+        while (i < batch.length && this.client === c) {
+          const r = batch[i++];
+          copied += await this.copyRegion(c, r);
+          this.progress.done += this.o.regionSize;
+        }
+      };
+      await Promise.all(Array.from({ length: COPY_PARALLEL }, worker));
+    }
+    if (this.client !== c) return;
+    await c.flush();
+    this.o.log.info({ volume: this.o.volume, phase: this.progress.phase, bytes: copied, ms: Date.now() - t0 }, 'resync done');
+    this.progress = { ...this.progress, done: this.progress.total };
+  }
+
+  /** Copy one region to the secondary, holding writes to it back meanwhile. */
+  private async copyRegion(c: NbdClient, r: number): Promise<number> {
+    while (this.locks.has(r)) await this.locks.get(r);
+    while (this.inflight.has(r)) await new Promise<void>((res) => this.drainWaiters.set(r, [...(this.drainWaiters.get(r) ?? []), res]));
+    if (!this.isNeed(r)) return 0;
+    let unlock!: () => void;
+    this.locks.set(r, new Promise((res) => (unlock = res)));
+    let bytes = 0;
+    try {
+      const start = r * this.o.regionSize;
+      const end = Math.min(this.size, start + this.o.regionSize);
+      for (let at = start; at < end; ) {
+        const ext = await this.o.local.extents(at, end - at);
+        if (!ext.length) break;
+        for (const e of ext) {
+          const len = Math.min(e.length, end - e.offset);
+          if (e.zero) await c.zero(e.offset, len);
+          else {
+            await c.write(e.offset, await this.o.local.read(e.offset, len));
+            bytes += len;
+          }
+          at = e.offset + len;
+        }
+      }
+      this.resyncedBytes += bytes;
+      this.clearNeed(r);
+    } catch (err) {
+      this.linkLost(c, err as Error);
+    } finally {
+      this.locks.delete(r);
+      unlock();
+    }
+    return bytes;
+  }
+
+  /** Clear log bits of regions that stayed idle for a whole cycle and that the secondary flushed. */
+  private async cleanCycle(): Promise<void> {
+    const c = this.client;
+    if (this.cleaning || !c || this.link !== 'replicating') return;
+    this.cleaning = true;
+    try {
+      const prev = this.prevTouched;
+      this.prevTouched = this.touched;
+      this.touched = new Set();
+      const cands: number[] = [];
+      for (const r of this.rlog.marked()) if (!this.isNeed(r) && !this.inflight.has(r) && !this.locks.has(r) && !prev.has(r) && !this.prevTouched.has(r)) cands.push(r);
+      await c.flush(); // also the heartbeat of an idle link
+      let n = 0;
+      for (const r of cands) {
+        if (this.isNeed(r) || this.inflight.has(r) || this.touched.has(r) || this.locks.has(r)) continue;
+        this.rlog.clear(r);
+        n++;
+      }
+      if (n) await this.rlog.commit();
+    } catch (err) {
+      this.linkLost(c, err as Error);
+    } finally {
+      this.cleaning = false;
+    }
+  }
+
+  /** Stop shipping; what was not shipped stays in the persisted log and resyncs on restart. */
+  async stop(opts: { drainMs?: number } = {}): Promise<void> {
+    if (opts.drainMs && this.link === 'replicating') await this.drain(opts.drainMs).catch(() => {});
+    this.stopped = true;
+    clearInterval(this.timer);
+    const e = new BlockError('ESHUTDOWN', 'replication stopped');
+    for (const w of this.cleanWaiters.splice(0)) w.reject(e);
+    this.unqueue();
+    const c = this.client;
+    this.client = undefined;
+    if (this.link !== 'failed-over') this.link = 'stopped';
+    if (c) await c.close().catch(() => {});
+    await this.rlog.close();
+  }
+
+  /** Fence local writes (planned failover); resolves when none is in flight. */
+  async fence(): Promise<void> {
+    this.fenced = true;
+    while (this.active.size) await Promise.all([...this.active].map((a) => a.done));
+    while (this.queue.length || this.shipping.size) {
+      if (!this.client) throw new Error('replication link lost while draining');
+      await sleep(20);
+    }
+  }
+
+  get remote(): NbdClient | undefined {
+    return this.client;
+  }
+}
