@@ -218,17 +218,18 @@ export class RowVolume extends Volume {
   }
 
   /**
-   * Wait until no redirect is in progress on any block of the range. Callers decide
-   * on pointers right after this resolves, with no await in between, so the check
-   * and the decision are atomic on the JS thread.
+   * A redirect in progress on some block of the range, if any. Callers loop
+   * `for (let w = this.busy(a, b); w; w = this.busy(a, b)) await w;` and then decide on
+   * pointers with no await in between: the final check and the decision happen in one
+   * synchronous run of the JS thread, so no other request can slip between them.
    */
-  private async waitUnlocked(first: number, last: number): Promise<void> {
-    for (;;) {
-      let busy: Promise<void> | undefined;
-      if (this.locks.size) for (let l = first; l <= last && !busy; l++) busy = this.locks.get(l);
-      if (!busy) return;
-      await busy;
+  private busy(first: number, last: number): Promise<void> | undefined {
+    if (this.locks.size === 0) return undefined;
+    for (let l = first; l <= last; l++) {
+      const w = this.locks.get(l);
+      if (w) return w;
     }
+    return undefined;
   }
 
   // ---- live writes ----
@@ -237,7 +238,7 @@ export class RowVolume extends Volume {
     const bs = this.meta.blockSize;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + data.length - 1) / bs);
-    await this.waitUnlocked(first, last);
+    for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
     const newest = this.newest();
     const inPlace: Array<{ at: number; buf: Buffer }> = [];
     const redirects: Promise<void>[] = [];
@@ -318,7 +319,7 @@ export class RowVolume extends Volume {
     const tailStart = Math.max(offset, (lastFull + 1) * bs);
     if (end > tailStart && tailStart >= headEnd) await this.zeroPartial(tailStart, end - tailStart);
     if (lastFull < first) return;
-    await this.waitUnlocked(first, lastFull);
+    for (let w = this.busy(first, lastFull); w; w = this.busy(first, lastFull)) await w;
     const newest = this.newest();
     const marker = this.opts.base ? ZERO : UNALLOCATED;
     for (let l = first; l <= lastFull; l++) {
@@ -362,7 +363,7 @@ export class RowVolume extends Volume {
     if (length === 0) return out;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
-    await this.waitUnlocked(first, last);
+    for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
     const runs: Array<{ at: number; buf: Buffer }> = [];
     const baseReads: Promise<void>[] = [];
     for (let l = first; l <= last; l++) {
