@@ -176,7 +176,7 @@ step="verify sha256 after reattach"
 
 # ---- 3: fio with verification on a file in the mounted filesystem -----------
 step="fio --verify=crc32c"
-fio --name=nbdfuse-verify --filename="$mnt/fio.dat" --size="${FIO_SIZE:-64M}" \
+fio --verify_state_save=0 --name=nbdfuse-verify --filename="$mnt/fio.dat" --size="${FIO_SIZE:-64M}" \
   --rw=randwrite --bsrange=4k-64k --direct=1 --ioengine=libaio --iodepth=16 \
   --randrepeat=1 --verify=crc32c --verify_fatal=1 --group_reporting \
   >"$work/fio.log" 2>&1 || { cat "$work/fio.log" >&2; false; }
