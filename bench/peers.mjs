@@ -46,9 +46,12 @@ const HELP = `usage: node bench/peers.mjs [options]
                        bytes copied in through its export with nbdcopy before measuring
   --uv-threads LIST    also run snapblock (first mode) with UV_THREADPOOL_SIZE=N for each N
                        (named snapblock-MODE[uvN]); the others keep the inherited env
+  --also-root DIRS     A/B test: also run the snapblock of each other checkout/build DIR (its
+                       bin/snapblock.js, dist/, build/), named snapblock-MODE@<basename DIR>
   --node-args "ARGS"   extra node flags for snapblock (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
   --check              exit 1 unless snapblock >= 1.0x nbdkit and >= 1.2x qemu-nbd on every job
   --no-chart           skip the PNG (then gnuplot is not needed)
+  --chart-from FILE    only (re)draw FILE.json's chart as FILE.png and print its tables
   --keep               keep the scratch directory (backing file, logs, fio outputs)
 `;
 
@@ -72,6 +75,8 @@ function parseArgs(argv) {
     conns: [1, 4],
     uvThreads: [],
     modes: ['cow', 'row'],
+    alsoRoots: [],
+    chartFrom: undefined,
     nodeArgs: [],
     check: false,
     chart: true,
@@ -97,6 +102,8 @@ function parseArgs(argv) {
       case '--conns': o.conns = list(val()).map(Number); break;
       case '--uv-threads': o.uvThreads = list(val()).map(Number); break;
       case '--modes': o.modes = list(val()); break;
+      case '--chart-from': o.chartFrom = path.resolve(val()); break;
+      case '--also-root': o.alsoRoots = list(val()).map((d) => path.resolve(d)); break;
       case '--node-args': o.nodeArgs = val().split(/\s+/).filter(Boolean); break;
       case '--check': o.check = true; break;
       case '--no-chart': o.chart = false; break;
@@ -300,14 +307,15 @@ async function startOnFreePort(name, scratch, argsFor, opts = {}) {
 /** modes whose live data is a plain raw image in <volume dir>/data that peers can serve too */
 const RAW_MODES = new Set(['cow', 'mirror']);
 
-function snapblockServer(variant, mode, env) {
+function snapblockServer(variant, mode, env, root = ROOT) {
   return {
     name: variant,
     mode,
+    root,
     async start(ctx) {
       // A private pool with one volume "bench" of the backing file's size.
       const pool = path.join(ctx.scratch, `pool-${variant.replace(/[^a-z0-9]+/gi, '_')}`);
-      const cli = path.join(ROOT, 'bin', 'snapblock.js');
+      const cli = path.join(root, 'bin', 'snapblock.js');
       const run = (...args) => {
         const r = spawnSync(process.execPath, [cli, '--pool', pool, '--log-level', 'warn', ...args], { encoding: 'utf8' });
         if (r.status !== 0) throw new Error(`snapblock ${args.join(' ')} failed: ${r.stderr || r.stdout}`);
@@ -583,7 +591,7 @@ function tables(result) {
   for (const r of rows) cpu.push([r.label, ...servers.map((s) => (Number.isFinite(r.servers[s]?.serverCpuUsPerOp) ? r.servers[s].serverCpuUsPerOp.toFixed(1) : '—'))]);
   return (
     `Absolute (median of ${result.options.rounds} round(s), ${result.options.runtime} s each; IOPS for 4k, MB/s for 1M):\n${pad(abs)}\n\n` +
-    `snapblock / peer (target: >= 1.00x nbdkit and >= 1.20x qemu-nbd):\n${pad(rel)}\n\n` +
+    (ratioCols.length ? `snapblock / peer (target: >= 1.00x nbdkit and >= 1.20x qemu-nbd):\n${pad(rel)}\n\n` : '') +
     `Server CPU time per request, µs (all threads; less sensitive to machine load than throughput):\n${pad(cpu)}\n`
   );
 }
@@ -622,6 +630,7 @@ function chart(result, pngFile, scratch) {
   const script = [
     `set terminal pngcairo size ${w},${h} font "sans,10"`,
     `set output "${pngFile}"`,
+    'set termoption noenhanced', // server names hold @, [ ] and _ : print them literally
     `set multiplot layout ${conns.length},${jobs.length} title "snapblock vs peers — fio nbd engine, same ${formatBytes(options.size)} file, ${options.runtime} s x ${options.rounds} round(s), ${result.machine.cpus} CPUs, ${result.date}" font ",12"`,
     'set style fill solid 0.85 border -1',
     'set boxwidth 0.7',
@@ -661,6 +670,19 @@ function stamp(d) {
 
 async function main() {
   const o = parseArgs(process.argv.slice(2));
+  if (o.chartFrom) {
+    if (!which('gnuplot')) throw new Error('gnuplot is missing (Debian package gnuplot-nox)');
+    const result = JSON.parse(fs.readFileSync(o.chartFrom, 'utf8'));
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'snapblock-chart-'));
+    try {
+      const png = o.chartFrom.replace(/\.json$/, '') + '.png';
+      chart(result, png, tmp);
+      process.stdout.write(tables(result) + `\nwrote ${png}\n`);
+    } finally {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    }
+    return;
+  }
 
   // Fail before spending minutes on measurements if anything is missing.
   const need = { fio: 'fio', nbdkit: 'nbdkit', 'qemu-nbd': 'qemu-utils', 'nbd-server': 'nbd-server' };
@@ -685,6 +707,10 @@ async function main() {
     }
     for (const m of o.modes) servers.push(snapblockServer(`snapblock-${m}`, m, {}));
     for (const n of o.uvThreads) servers.push(snapblockServer(`snapblock-${o.modes[0]}[uv${n}]`, o.modes[0], { UV_THREADPOOL_SIZE: String(n) }));
+    for (const r of o.alsoRoots) {
+      if (!fs.existsSync(path.join(r, 'bin', 'snapblock.js'))) throw new Error(`--also-root ${r}: no bin/snapblock.js there`);
+      for (const m of o.modes) servers.push(snapblockServer(`snapblock-${m}@${path.basename(r)}`, m, {}, r));
+    }
   }
   const names = servers.map((s) => s.name);
   const snapVariants = names.filter((n) => n.startsWith('snapblock'));
@@ -711,7 +737,7 @@ async function main() {
       'qemu-nbd': o.servers.includes('qemu-nbd') ? version('qemu-nbd', ['--version'], /qemu-nbd/) : undefined,
       'nbd-server': o.servers.includes('nbd-server') ? version('nbd-server', ['-V'], /version/) : undefined,
     },
-    options: { runtime: o.runtime, ramp: o.ramp, size: o.size, rounds: o.rounds, jobs: o.jobs, conns: o.conns, modes: o.modes, uvThreads: o.uvThreads, nodeArgs: o.nodeArgs },
+    options: { runtime: o.runtime, ramp: o.ramp, size: o.size, rounds: o.rounds, jobs: o.jobs, conns: o.conns, modes: o.modes, uvThreads: o.uvThreads, alsoRoots: o.alsoRoots, nodeArgs: o.nodeArgs },
     servers: names,
     rows: [],
   };

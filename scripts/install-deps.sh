@@ -2,7 +2,7 @@
 # Install the Debian packages the test suite and benchmarks use, only if missing.
 set -euo pipefail
 PKGS=(nbdkit fio libnbd-bin python3-libnbd fuse3 e2fsprogs qemu-system-x86 qemu-utils socat
-      nbd-server nbd-client busybox-static kmod cpio openssl iproute2 util-linux)
+      nbd-server nbd-client busybox-static kmod cpio openssl iproute2 util-linux gnuplot-nox)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -27,6 +27,10 @@ export async function readRuns(fd: number, pieces: Array<{ at: number; buf: Buff
     const group = pieces.slice(i, j);
     const at = pieces[i].at;
     const want = end - at;
+    if (group.length === 1 && cachedRead(fd, group[0].buf, at)) {
+      i = j;
+      continue;
+    }
     jobs.push(
       (group.length === 1 ? native.pread(fd, group[0].buf, at) : native.preadv(fd, group.map((x) => x.buf), at)).then((n) => {
         if (n < want) zeroFrom(group, n);
@@ -69,8 +73,19 @@ export class GroupCommit {
 }
 
 /** pread all of buf; past the end of the file reads as zeroes. */
+/**
+ * Small reads already in the page cache are copied right here (preadv2 RWF_NOWAIT): a
+ * thread-pool round trip costs more than the copy. Large ones always go to the pool,
+ * so first-touch page faults of big buffers never stall the event loop.
+ */
+const SYNC_READ_MAX = 64 * 1024;
+
+function cachedRead(fd: number, buf: Buffer, at: number): boolean {
+  return buf.length <= SYNC_READ_MAX && native.preadNowait(fd, buf, at) === buf.length;
+}
+
 export async function readAt(fd: number, buf: Buffer, at: number): Promise<void> {
-  if (!buf.length) return;
+  if (!buf.length || cachedRead(fd, buf, at)) return;
   const n = await native.pread(fd, buf, at);
   if (n < buf.length) buf.fill(0, n);
 }
