@@ -47,6 +47,21 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
     return JSON.parse(r.stdout) as T;
   };
   const bk = <T>(args: string[], endpoint?: string) => sbJson<T>(srv.pool, ['backup', ...args], endpoint);
+  /** the CLI without blocking this process: needed whenever the fault proxy (which lives here) is in the path */
+  const sbAsync = (pool: string, args: string[], endpoint?: string): Promise<Res> =>
+    new Promise((resolve) => {
+      const child = spawn(process.execPath, [CLI, '--pool', pool, ...args], { env: env(endpoint) });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (d) => (stdout += d));
+      child.stderr.on('data', (d) => (stderr += d));
+      child.on('exit', (code) => resolve({ status: code ?? -1, stdout, stderr }));
+    });
+  const bkProxy = async <T>(args: string[]): Promise<T> => {
+    const r = await sbAsync(srv.pool, ['backup', ...args, '--json', '--progress', 'none'], proxy.endpoint);
+    if (r.status !== 0) throw new Error(`snapblock backup ${args.join(' ')} failed (${r.status}):\n${r.stderr}\n${r.stdout}`);
+    return JSON.parse(r.stdout) as T;
+  };
   const uri = (s: RunningServer, exp: string) => `nbd+unix:///${exp}?socket=${s.socket}`;
   /** write a file of bytes at an offset through qemu-io (an independent client) */
   const writeData = (s: RunningServer, exp: string, offset: number, data: Buffer) => {
@@ -179,30 +194,29 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
   }, 120_000);
 
   it('an incremental with no change reads nothing', () => {
-    const t0 = Date.now();
-    const r = bk<Created>(['create', 'vol', '--incremental']);
+    const r = bk<Created & { seconds: number }>(['create', 'vol', '--incremental']);
     expect(r.readBytes).toBe(0);
     expect(r.chunks).toBe(0);
     expect(r.parent).toBe(incr.id);
-    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(r.seconds).toBeLessThan(3); // in-process time (the CLI's start-up on a loaded 2-core box is extra)
   }, 60_000);
 
   it('completes through 503s, dropped connections and a slow link (fault proxy)', async () => {
     writeData(srv, 'vol', 20 * MiB, randomBytes(3 * MiB));
     proxy.setMode('http503', 6);
-    const r1 = bk<Created>(['create', 'vol', '--incremental'], proxy.endpoint);
+    const r1 = await bkProxy<Created>(['create', 'vol', '--incremental']);
     expect(r1.retries).toBeGreaterThanOrEqual(1);
     expect(proxy.stats().http503).toBeGreaterThanOrEqual(6);
     writeData(srv, 'vol', 24 * MiB, randomBytes(2 * MiB));
     proxy.setMode('drop', 4);
-    const r2 = bk<Created>(['create', 'vol', '--incremental'], proxy.endpoint);
+    const r2 = await bkProxy<Created>(['create', 'vol', '--incremental']);
     expect(proxy.stats().dropped).toBeGreaterThanOrEqual(4);
     expect(r2.retries).toBeGreaterThanOrEqual(1);
     proxy.setMode('slow', 30);
-    const v = bk<{ ok: boolean }>(['verify', r2.id], proxy.endpoint);
+    const v = await bkProxy<{ ok: boolean }>(['verify', r2.id]);
     expect(v.ok).toBe(true);
     proxy.setMode('http503', 3);
-    bk(['restore', r2.id, 'vol-r3'], proxy.endpoint);
+    await bkProxy(['restore', r2.id, 'vol-r3']);
     proxy.setMode('pass');
     expect(compare(uri(srv, `vol@${r2.snapshot}`), uri(srv, 'vol-r3')).status).toBe(0);
   }, 180_000);
@@ -211,14 +225,7 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
     const list = bk<Array<{ id: string; state: string }>>(['list']);
     const last = list.filter((l) => l.state === 'complete' && l.id.startsWith('vol.')).pop()!;
     proxy.setMode('reset-after-bytes', 300_000);
-    const p = new Promise<Res>((resolve) => {
-      const child = spawn(process.execPath, [CLI, '--pool', srv.pool, 'backup', 'restore', last.id, 'vol-r4', '--json', '--progress', 'none'], { env: env(proxy.endpoint) });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.on('data', (d) => (stdout += d));
-      child.stderr.on('data', (d) => (stderr += d));
-      child.on('exit', (code) => resolve({ status: code ?? -1, stdout, stderr }));
-    });
+    const p = sbAsync(srv.pool, ['backup', 'restore', last.id, 'vol-r4', '--json', '--progress', 'none'], proxy.endpoint);
     const deadline = Date.now() + 30_000;
     while (proxy.stats().resets < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     proxy.setMode('pass');

@@ -27,7 +27,7 @@ import type { ObjectStore } from './store.js';
 import type { NbdClient } from '../nbd/client.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
-export const DEFAULT_CONCURRENCY = 4;
+export const DEFAULT_CONCURRENCY = 8;
 const CHANGED_PREFIX = 'snapblock:changed:';
 /** how often an in-progress backup records what it has stored (for resume) */
 const JOURNAL_MS = Number(process.env.SNAPBLOCK_BACKUP_JOURNAL_MS ?? 5000);
@@ -97,8 +97,8 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
   const concurrency = ctx.concurrency ?? DEFAULT_CONCURRENCY;
   const warnings: string[] = [];
   const warn = (msg: string) => (warnings.push(msg), log.warn(msg));
-  await store.ensure();
   const retries0 = store.stats.retries;
+  await store.ensure();
 
   // ---- the source, the snapshot, the parent -------------------------------------
   const all = await repo.all({ onDamaged: (key, err) => warn(`ignoring damaged manifest ${key}: ${err.message}`) });
@@ -457,8 +457,19 @@ export async function restoreBackup(ctx: EngineContext, id: string, opts: Restor
     await nbd?.close().catch(() => {});
     nbd = undefined;
     if (createdVolume && !opts.keepPartial) {
-      await opts.server!.deleteVolume(createdVolume).catch(() => {});
-      (err as Error).message += ` (the partly restored volume ${createdVolume} was deleted)`;
+      // the server may still be releasing our NBD connection: EBUSY for a moment
+      let gone = false;
+      let why = '';
+      for (let i = 0; i < 50 && !gone; i++) {
+        try {
+          await opts.server!.deleteVolume(createdVolume);
+          gone = true;
+        } catch (e) {
+          why = (e as Error).message;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      (err as Error).message += gone ? ` (the partly restored volume ${createdVolume} was deleted)` : ` (the partly restored volume ${createdVolume} could not be deleted: ${why})`;
     }
     throw err;
   } finally {

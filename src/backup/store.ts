@@ -138,6 +138,8 @@ export class S3Store implements ObjectStore {
   private readonly retry: RetryPolicy;
 
   constructor(private readonly cfg: S3Config) {
+    // The SDK is pinned (package.json) precisely so that Node 20 keeps working: no nagging.
+    process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
     this.description = `s3://${cfg.bucket}/${cfg.prefix}${cfg.endpoint ? ` at ${redactUrl(cfg.endpoint)}` : ''}`;
     this.retry = cfg.retry ?? DEFAULT_RETRY;
     const agentOpts = { keepAlive: true, maxSockets: cfg.maxSockets ?? 16 };
@@ -150,9 +152,14 @@ export class S3Store implements ObjectStore {
       requestChecksumCalculation: 'WHEN_REQUIRED',
       responseChecksumValidation: 'WHEN_REQUIRED',
       maxAttempts: 1, // withRetry below decides
+      // `Expect: 100-continue` (the SDK's default for bodies >= 2 MiB) costs a round trip per PUT
+      expectContinueHeader: false,
       requestHandler: {
         connectionTimeout: 10_000,
-        requestTimeout: cfg.requestTimeoutMs ?? 60_000,
+        // a whole request, then an idle socket: either aborts the attempt (and withRetry tries again)
+        requestTimeout: cfg.requestTimeoutMs ?? 120_000,
+        throwOnRequestTimeout: true,
+        socketTimeout: 30_000,
         httpAgent: new http.Agent(agentOpts),
         httpsAgent: new https.Agent(agentOpts),
       },

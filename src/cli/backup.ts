@@ -245,7 +245,8 @@ export const backupCommandModules: CommandModule<Global, Global>[] = [
       const args = a as unknown as Global & { snapshot: string; file: string; 'from-snap'?: string };
       const { volume, snapshot } = parseVolSnap(args.snapshot);
       const server = await PoolServer.connect(args.pool);
-      const toStdout = args.file === '-';
+      // yargs hands a lone "-" positional over as ''
+      const toStdout = args.file === '-' || args.file === '';
       const tmp = toStdout ? '' : `${args.file}.tmp-${process.pid}`;
       const stream = toStdout ? process.stdout : fs.createWriteStream(tmp);
       try {
@@ -273,7 +274,7 @@ export const backupCommandModules: CommandModule<Global, Global>[] = [
     handler: async (a) => {
       const args = a as unknown as Global & { file: string; volume: string };
       const server = await PoolServer.connect(args.pool);
-      const input = args.file === '-' ? process.stdin : fs.createReadStream(args.file, { highWaterMark: 1 << 20 });
+      const input = args.file === '-' || args.file === '' ? process.stdin : fs.createReadStream(args.file, { highWaterMark: 1 << 20 });
       const r = await importDiff(server, args.volume, input);
       out(args.json ? JSON.stringify(r, null, 2) : `imported into ${args.volume}${r.from ? ` (from ${r.from})` : ''}: ${r.dataRecords} data records (${mib(r.dataBytes)}), ${r.zeroRecords} zero records${r.snapshotCreated ? `; created snapshot ${args.volume}@${r.snapshotCreated}` : ''}`);
     },
