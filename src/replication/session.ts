@@ -61,6 +61,7 @@ const MAX_SHIP_ENTRIES = 64;
 const MAX_SHIP_BYTES = 32 * 1024 * 1024;
 const COPY_PARALLEL = 8;
 
+const MARK_AHEAD = Number(process.env.SNAPBLOCK_REPL_MARK_AHEAD ?? 15);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class ReplicationSession {
@@ -213,7 +214,10 @@ export class ReplicationSession {
       await this.waitUnlocked(r0, r1);
       this.enter(r0, r1);
       entered = true;
-      const m = this.rlog.mark(r0, r1);
+      // A sequential stream (the region before was just written) marks ahead, so that it
+      // pays one log commit per MARK_AHEAD regions rather than one per region.
+      const ahead = r0 > 0 && this.touched.has(r0 - 1) && !this.rlog.isMarked(r1) ? MARK_AHEAD : 0;
+      const m = this.rlog.mark(r0, Math.min(this.rlog.count - 1, r1 + ahead));
       if (m) await m;
       this.checkWritable();
       const local = () => this.applyLocal(e, fua);
@@ -479,7 +483,7 @@ export class ReplicationSession {
         if (c && this.client === c) this.client = undefined;
         if (c) void c.close().catch(() => {});
         this.lastError = msg;
-        if (/refused|no export/i.test(msg)) this.link = 'not-capable';
+        if (/^export ".*" refused/.test(msg)) this.link = 'not-capable';
         else if ((err as { permanent?: boolean }).permanent) this.link = 'error';
         else this.link = 'disconnected';
         this.o.log.debug({ volume: this.o.volume, err: msg }, 'replication connect failed');
