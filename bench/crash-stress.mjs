@@ -19,30 +19,37 @@
 //   2. meanwhile the harness creates and deletes snapshots of "a" through the CLI or the
 //      control socket (--control), either with the writer paused (exact model) or live
 //      (writes in flight during `snapshot create` may or may not be in the snapshot);
-//      mirror mode attaches a mirror and waits for it before every snapshot.
+//      mirror mode attaches a mirror and waits for it before every snapshot (usually
+//      before the workload starts, sometimes under it).
 //   3. the server gets SIGKILL at a random moment (sometimes timed to land inside a
 //      snapshot create/delete), is restarted on the same pool, and then:
 //      (a) each volume must read, byte for byte, as the durable model: every write
 //          acknowledged before a completed FLUSH was sent (FLUSH on any connection of the
 //          volume: the server advertises multi-conn), every FUA write acknowledged, and
-//          every write acknowledged before a `snapshot create` that completed (FORMAT.md
-//          rule 4). Writes not covered by such a barrier (or in flight, or never answered)
+//          every write acknowledged before a `snapshot create` that completed, or that the
+//          kill interrupted inside the server but whose snapshot survived (FORMAT.md rule 4).
+//          Writes not covered by such a barrier (or in flight, or never answered)
 //          may read old or new, byte by byte, but nothing else;
 //      (b) `snapshot list` must hold every snapshot whose create completed and that no
 //          delete touched, none whose delete completed, and nothing unknown; each listed
 //          snapshot must read as the volume did at its creation: every write acknowledged
-//          before the create started, none sent after it ended, writes in flight either;
+//          before the create started, none sent after it ended, writes in flight either.
+//          A CLI call the kill interrupted may find no server and finish on the pool
+//          directly, after the crash (README): such a snapshot holds the recovered volume;
 //      (c) `snapblock check` must pass;
 //      (d) falls out of (a)/(b): any byte not explained by the model is reported with
 //          what it is (which volume's write, which sequence number, which offset).
 //      After a successful verification the model is set to what was read, so the next
-//      iteration starts from an exact state.
+//      iteration starts from an exact state. On a failure the pool, the writer's log and a
+//      copy of the volumes' files as the kill left them (forensics-N/, before the restart
+//      replays and rewrites them) are kept, and the mode stops.
 // After the last iteration the server is stopped cleanly, restarted, and everything must
 // read exactly as modelled; an offline `check` runs too.
 //
+// --root DIR runs another build (e.g. a patched copy) with the same harness.
 // Exit code: 0 all iterations passed, 1 some check failed (details printed), 2 usage or
 // infrastructure error. Needs dist/ (npx tsc -p .), nbdsh + python3-libnbd, nbdcopy.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
@@ -51,7 +58,7 @@ import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const CLI = path.join(ROOT, 'bin', 'snapblock.js');
+let CLI = path.join(ROOT, 'bin', 'snapblock.js'); // --root picks another build
 const SYS_PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ''}`;
 const TAG_HI = 0x5b000000; // high u32 of the offset field of every record
 
@@ -75,6 +82,7 @@ const HELP = `usage: node bench/crash-stress.mjs [options]
                         api   the control socket directly (same operations the CLI calls)
                         mixed each call picks one at random (default)
   --dir DIR           where pools go (default: system tmp)
+  --root DIR          test the snapblock build in DIR (DIR/bin/snapblock.js; default: this checkout)
   --json FILE         also write a JSON summary there
   --keep              keep pools (they are always kept after a failure)
   --verbose           log every snapshot operation
@@ -101,6 +109,7 @@ function parseArgs(argv) {
     maxSnapshots: 4,
     control: 'mixed',
     dir: os.tmpdir(),
+    root: ROOT,
     json: '',
     keep: false,
     verbose: false,
@@ -126,6 +135,7 @@ function parseArgs(argv) {
       case '--max-snapshots': o.maxSnapshots = Number(val()); break;
       case '--control': o.control = val(); break;
       case '--dir': o.dir = path.resolve(val()); break;
+      case '--root': o.root = path.resolve(val()); break;
       case '--json': o.json = path.resolve(val()); break;
       case '--keep': o.keep = true; break;
       case '--verbose': o.verbose = true; break;
@@ -683,25 +693,52 @@ function subtract(off, len, cuts) {
 const CHUNK = 4096;
 
 /**
+ * Volume-sized buffers are recycled: fresh memory is expensive to fault in on a loaded VM
+ * (allocating and reading 64 MiB images dominated an iteration before this).
+ */
+const images = {
+  size: 0,
+  free: [],
+  get() {
+    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+  },
+  put(...bufs) {
+    for (const b of bufs) if (b && b.length === this.size && !this.free.includes(b)) this.free.push(b);
+  },
+};
+
+/**
  * Check `got` against a model: `base` with the `definite` writes applied (in `ord` order)
  * is what must be there, except that each byte covered by a `maybe` write (and not by a
  * definite write ordered after it) may instead hold that write's byte.
- * Returns { ok, expected, problems: [text] }.
+ * Returns { ok, problems: [text] }.
  */
-function verifyImage({ label, got, base, definite, maybe, ctx, why }) {
-  const size = base.length;
+function verifyImage(args) {
+  const sortedDef = [...args.definite].sort((x, y) => x.ord - y.ord);
+  let expected = args.base;
+  if (sortedDef.length) {
+    expected = images.get();
+    args.base.copy(expected);
+    for (const w of sortedDef) content(w.vol, w.seq, args.ctx.seed16, w.off, w.len, w.kind).copy(expected, w.off);
+  }
+  try {
+    return verifyAgainst({ ...args, expected, sortedDef });
+  } finally {
+    if (expected !== args.base) images.put(expected);
+  }
+}
+
+function verifyAgainst({ label, got, expected, sortedDef, maybe, ctx, why }) {
+  const size = expected.length;
   const problems = [];
   if (got.length !== size) return { ok: false, problems: [`${label}: read ${got.length} bytes, expected ${size}`] };
-  const expected = Buffer.from(base);
-  const sortedDef = [...definite].sort((x, y) => x.ord - y.ord);
-  for (const w of sortedDef) content(w.vol, w.seq, ctx.seed16, w.off, w.len, w.kind).copy(expected, w.off);
   const bad = [];
   for (let c = 0; c * CHUNK < size; c++) {
     const s = c * CHUNK;
     const e = Math.min(size, s + CHUNK);
     if (got.compare(expected, s, e, s, e) !== 0) bad.push(c);
   }
-  if (!bad.length) return { ok: true, expected, problems };
+  if (!bad.length) return { ok: true, problems };
   const badSet = new Set(bad);
   const okMask = new Map(bad.map((c) => [c, new Uint8Array(CHUNK)]));
   const allowed = []; // [{w, parts}]
@@ -738,7 +775,7 @@ function verifyImage({ label, got, base, definite, maybe, ctx, why }) {
       }
     }
   }
-  if (!runs.length) return { ok: true, expected, problems, ambiguousBytes: true };
+  if (!runs.length) return { ok: true, problems, ambiguousBytes: true };
   const total = runs.reduce((n, r) => n + r.end - r.start, 0);
   problems.push(`${label}: ${total} byte(s) in ${runs.length} range(s) read neither as the model (${why}) nor as any write allowed to be there`);
   for (const r of runs.slice(0, 6)) {
@@ -753,25 +790,46 @@ function verifyImage({ label, got, base, definite, maybe, ctx, why }) {
     );
   }
   if (runs.length > 6) problems.push(`  … and ${runs.length - 6} more run(s)`);
-  return { ok: false, expected, problems };
+  return { ok: false, problems };
 }
 
-async function readExport(server, exp, file, size) {
-  // --no-extents: read every byte; do not trust the server's own idea of its holes.
-  const r = await runTool('nbdcopy', ['--no-extents', '-C', '1', '-R', '8', '--request-size=1048576', server.uri(exp), file]);
-  if (r.status !== 0) return { error: `nbdcopy ${exp} failed (${r.status}${r.signal ? ' ' + r.signal : ''}): ${r.stderr.trim()}` };
-  const got = fs.readFileSync(file);
-  fs.rmSync(file, { force: true });
-  if (got.length < size) return { got: Buffer.concat([got, Buffer.alloc(size - got.length)]), short: got.length };
-  return { got };
+/** Read a whole export with nbdcopy (libnbd) through a pipe into a recycled buffer. */
+function readExport(server, exp, size) {
+  return new Promise((resolve) => {
+    // --no-extents: read every byte; do not trust the server's own idea of its holes.
+    const p = track(spawn('nbdcopy', ['--no-extents', '-C', '1', '-R', '8', '--request-size=1048576', server.uri(exp), '-'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, PATH: SYS_PATH } }));
+    const got = images.get();
+    let at = 0;
+    let over = 0;
+    let stderr = '';
+    p.stdout.on('data', (c) => {
+      const n = Math.min(c.length, size - at);
+      c.copy(got, at, 0, n);
+      at += n;
+      over += c.length - n;
+    });
+    p.stderr.on('data', (c) => (stderr += c));
+    p.once('error', (e) => (stderr += String(e)));
+    p.once('close', (code, sig) => {
+      if (code !== 0) {
+        images.put(got);
+        return resolve({ error: `nbdcopy ${exp} failed (${code}${sig ? ' ' + sig : ''}): ${stderr.trim()}` });
+      }
+      if (at < size) {
+        got.fill(0, at);
+        return resolve({ got, short: at });
+      }
+      resolve(over ? { got, short: size + over } : { got });
+    });
+  });
 }
 
 /** Read several exports, 3 at a time; returns Map export → result of readExport. */
-async function readExports(server, names, dir, size) {
+async function readExports(server, names, size) {
   const out = new Map();
   const queue = [...names];
   const worker = async () => {
-    for (let n; (n = queue.shift()) !== undefined; ) out.set(n, await readExport(server, n, path.join(dir, `${n.replace('@', '_')}.img`), size));
+    for (let n; (n = queue.shift()) !== undefined; ) out.set(n, await readExport(server, n, size));
   };
   await Promise.all([worker(), worker(), worker()]);
   return out;
@@ -781,20 +839,22 @@ async function readExports(server, names, dir, size) {
 
 async function runMode(mode, o, modeIdx, summary) {
   const blockSize = o.blockSizes[modeIdx % o.blockSizes.length];
+  images.size = o.size;
   const seed16 = rng(o.seed, 'seed16').int(0, 0xffff);
   const pool = fs.mkdtempSync(path.join(o.dir, `snapblock-crash-${mode}-`));
-  const shm = fs.existsSync('/dev/shm') ? fs.mkdtempSync('/dev/shm/snapblock-crash-') : fs.mkdtempSync(path.join(pool, 'reads-'));
   const res = { mode, blockSize, pool, iterations: 0, passed: 0, failures: [], stats: { writes: 0, acked: 0, durable: 0, pending: 0, flushes: 0, fua: 0, zeroes: 0, snapCreates: 0, snapDeletes: 0, killsDuringCreate: 0, killsDuringDelete: 0, killsDuringMirrorSync: 0, ambiguousResolved: 0, snapshotsVerified: 0 }, seconds: 0 };
   summary.modes.push(res);
   const t0 = Date.now();
   const ctx = { seed16, history: new Map(), volNames: { 1: 'a', 2: 'b' } };
   // Most writes land in a hot area and a span (so blocks get overwritten, shared, redirected, copied);
   // 2% anywhere. Reads verify every byte of the volume either way.
-  const volA = { id: 1, name: 'a', exact: Buffer.alloc(o.size), hot: Math.min(o.size, 4 << 20), span: Math.min(o.size, 12 << 20), conns: 2 };
-  const volB = { id: 2, name: 'b', exact: Buffer.alloc(o.size), hot: Math.min(o.size, 2 << 20), span: Math.min(o.size, 6 << 20), conns: 1 };
+  const volA = { id: 1, name: 'a', exact: images.get().fill(0), hot: Math.min(o.size, 4 << 20), span: Math.min(o.size, 12 << 20), conns: 2 };
+  const volB = { id: 2, name: 'b', exact: images.get().fill(0), hot: Math.min(o.size, 2 << 20), span: Math.min(o.size, 6 << 20), conns: 1 };
   const vols = [volA, volB];
   /** snapshots of a known to exist: name → exact content */
   let snaps = new Map();
+  /** COW snapshots invalidated by a reserve overflow (only with --cow-reserve below the size) */
+  const invalidSnaps = new Set();
   let seq = 0;
   let server;
   const fail = (iter, msg) => {
@@ -815,6 +875,17 @@ async function runMode(mode, o, modeIdx, summary) {
     const problems = [];
     res.iterations++;
     const logFile = path.join(pool, `writer-${iter}.log`);
+    if (mode === 'mirror' && R.chance(0.75)) {
+      // Usually start with a synced mirror, so the iteration gets to split snapshots off before
+      // the kill; otherwise the sync runs under the writes (and the kill often lands in it).
+      let st = await control(pool, 'api', 'mirror.status', { volume: 'a' });
+      if (st.ok && st.value?.state === 'none') st = await control(pool, 'api', 'mirror.attach', { volume: 'a', wait: true });
+      for (let t = 0; st.ok && st.value?.state === 'syncing' && t < 1200; t++) {
+        await sleep(50);
+        st = await control(pool, 'api', 'mirror.status', { volume: 'a' });
+      }
+      if (!st.ok || st.value?.state !== 'synced') problems.push(`mirror attach/sync on a failed before the workload: ${st.ok ? JSON.stringify(st.value) : st.error}`);
+    }
     const writerArgs = {
       seed: R.seed,
       seed16,
@@ -914,7 +985,12 @@ async function runMode(mode, o, modeIdx, summary) {
               live.add(name);
               res.stats.snapCreates++;
             } else problems.push(`snapshot create a@${name} (${via}) failed while the server was up: ${r.error}`);
-          } else op.error = r.error;
+          } else {
+            // The kill came first. A CLI that found no server answering works on the pool
+            // directly (README): it may finish the operation offline, after the crash.
+            op.error = r.error;
+            op.late = r.ok;
+          }
           if (style === 'paused') writer.send('resume');
           if (o.verbose) console.log(`   create ${name} ${via} ${style} ${op.ok ? `${((op.T1 - op.T0) / 1e6).toFixed(1)} ms` : 'interrupted'}`);
         } else {
@@ -930,7 +1006,12 @@ async function runMode(mode, o, modeIdx, summary) {
             op.ok = r.ok;
             if (r.ok) res.stats.snapDeletes++;
             else problems.push(`snapshot delete a@${name} (${via}) failed while the server was up: ${r.error}`);
-          } else op.error = r.error;
+          } else {
+            // The kill came first. A CLI that found no server answering works on the pool
+            // directly (README): it may finish the operation offline, after the crash.
+            op.error = r.error;
+            op.late = r.ok;
+          }
           if (o.verbose) console.log(`   delete ${name} ${via} ${op.ok ? `${((op.T1 - op.T0) / 1e6).toFixed(1)} ms` : 'interrupted'}`);
         }
       }
@@ -950,6 +1031,25 @@ async function runMode(mode, o, modeIdx, summary) {
     seq += log.writes.length;
     for (const w of log.writes) ctx.history.set(w.seq, { iter, vol: w.vol, off: w.off, len: w.len, kind: w.kind, fua: w.fua });
 
+    // ---- forensics: the on-disk state as the kill left it (a restart replays and rewrites it)
+    const forensics = path.join(pool, `forensics-${iter}`);
+    for (const v of vols) {
+      const src = path.join(pool, 'volumes', v.name);
+      const dst = path.join(forensics, v.name);
+      fs.mkdirSync(dst, { recursive: true });
+      for (const f of fs.readdirSync(src)) {
+        if (f === 'data' || f.endsWith('.img') || f === 'mirror' || f.startsWith('reserve')) {
+          spawnSync('cp', ['--sparse=always', path.join(src, f), path.join(dst, f)], { stdio: 'ignore' });
+          continue;
+        }
+        try {
+          fs.copyFileSync(path.join(src, f), path.join(dst, f));
+        } catch {
+          /* a directory or vanished file */
+        }
+      }
+    }
+
     // ---- restart
     try {
       server = await Server.start(pool);
@@ -968,14 +1068,20 @@ async function runMode(mode, o, modeIdx, summary) {
     const list = await control(pool, 'api', 'snapshot.list', { volume: 'a' });
     const listB = await control(pool, 'api', 'snapshot.list', { volume: 'b' });
     const toRead = [...vols.map((v) => v.name), ...(list.ok ? list.value.filter((x) => x.status === 'valid').map((x) => `a@${x.name}`) : [])];
-    const reads = await readExports(server, toRead, shm, o.size);
+    const reads = await readExports(server, toRead, o.size);
     tm.read = Date.now();
 
     // ---- (a) volumes against the durable model
-    const completedCreates = ops.filter((x) => x.kind === 'create' && x.ok);
+    // Barriers for the live model: creates that completed, and creates the kill interrupted inside
+    // the server (control socket) whose snapshot nevertheless survived: its record was committed
+    // with every write acknowledged before it (FORMAT.md rule 4). (An interrupted CLI create may
+    // have been finished offline after the crash instead, so it proves nothing.)
+    const listedNow = new Set(list.ok ? list.value.map((x) => x.name) : []);
+    const completedCreates = ops.filter((x) => x.kind === 'create' && (x.ok || (x.via === 'api' && x.ok === null && listedNow.has(x.name))));
     const multi = log.header?.multiConn !== false;
     const st = { writes: log.writes.length, acked: 0, durable: 0, pending: 0 };
     for (const v of vols) {
+      v.next = undefined;
       const ws = log.writes.filter((w) => w.vol === v.id);
       const okFlushes = log.flushes.filter((f) => f.vol === v.id && f.err === 0);
       for (const w of ws) {
@@ -1016,21 +1122,26 @@ async function runMode(mode, o, modeIdx, summary) {
       for (const name of snaps.keys()) {
         const d = deletes.find((x) => x.name === name);
         if (!d && !listed.has(name)) problems.push(`snapshot a@${name} (from an earlier iteration, never deleted) is missing after restart`);
-        if (d?.ok && listed.has(name)) problems.push(`snapshot a@${name} is listed after restart although its delete completed`);
+        if ((d?.ok || d?.late) && listed.has(name)) problems.push(`snapshot a@${name} is listed after restart although its delete ${d.ok ? 'completed' : 'succeeded (offline, after the kill)'}`);
       }
       for (const c of creates) {
         const d = deletes.find((x) => x.name === c.name);
-        if (c.ok && !d && !listed.has(c.name)) problems.push(`snapshot a@${c.name} is missing after restart although its create completed (${c.via}, ${c.style})`);
-        if (d?.ok && listed.has(c.name)) problems.push(`snapshot a@${c.name} is listed after restart although its delete completed`);
+        if ((c.ok || c.late) && !d && !listed.has(c.name)) problems.push(`snapshot a@${c.name} is missing after restart although its create ${c.ok ? 'completed' : 'succeeded (offline, after the kill)'} (${c.via}, ${c.style})`);
+        if ((d?.ok || d?.late) && listed.has(c.name)) problems.push(`snapshot a@${c.name} is listed after restart although its delete succeeded`);
       }
       for (const [name, s] of listed) {
-        const known = snaps.has(name) || creates.some((c) => c.name === name);
+        const known = snaps.has(name) || invalidSnaps.has(name) || creates.some((c) => c.name === name);
         if (!known) {
           problems.push(`snapshot a@${name} is listed after restart but was never created`);
           continue;
         }
         if (s.status !== 'valid') {
-          problems.push(`snapshot a@${name} is ${s.status} after restart (reserve ${fmtBytes(o.cowReserve)} cannot overflow on a ${fmtBytes(o.size)} volume)`);
+          // A COW reserve smaller than the volume may overflow: the snapshot is then invalid, by design.
+          if (mode !== 'cow' || o.cowReserve >= o.size) problems.push(`snapshot a@${name} is ${s.status} after restart (reserve ${fmtBytes(o.cowReserve)} cannot overflow on a ${fmtBytes(o.size)} volume)`);
+          else if (!invalidSnaps.has(name)) {
+            invalidSnaps.add(name);
+            res.stats.invalidated = (res.stats.invalidated ?? 0) + 1;
+          }
           continue;
         }
         if (s.size !== o.size) problems.push(`snapshot a@${name} has size ${s.size}, expected ${o.size}`);
@@ -1049,6 +1160,15 @@ async function runMode(mode, o, modeIdx, summary) {
           const definite = ws.filter((w) => w.acked && w.ackT < c.T0);
           const maybe = ws.filter((w) => !(w.acked && w.ackT < c.T0) && w.sendT < T1);
           vr = verifyImage({ label: `snapshot a@${name} (${c.via}, ${c.style}${c.ok ? '' : ', create interrupted by the kill'})`, got: r.got, base: volA.exact, definite, maybe, ctx, why: 'every write acked before snapshot create started' });
+          if (!vr.ok && !c.ok && c.via === 'cli' && volA.next) {
+            // Taken offline by the CLI after the crash: then it is the recovered volume, which is
+            // what the volume itself reads after the restart (nothing wrote in between).
+            const off = verifyImage({ label: `snapshot a@${name}`, got: r.got, base: volA.next, definite: [], maybe: [], ctx, why: 'the recovered volume' });
+            if (off.ok) {
+              vr = off;
+              res.stats.offlineCreates = (res.stats.offlineCreates ?? 0) + 1;
+            } else vr.problems.push(`  (nor does it read as the recovered volume, which a create finished offline by the CLI after the kill (exit ${c.late ? 0 : 'non-zero'}) would hold)`);
+          }
         }
         res.stats.snapshotsVerified++;
         if (!vr.ok) problems.push(...vr.problems);
@@ -1081,18 +1201,28 @@ async function runMode(mode, o, modeIdx, summary) {
     if (problems.length) {
       const repro = `reproduce: node bench/crash-stress.mjs --modes ${mode} --seed ${o.seed} --start-iteration ${o.start} --iterations ${iter - o.start + 1} --control ${o.control} --size ${o.size} --block-size ${blockSize} (timing-dependent; the failing iteration is #${iter})`;
       if (server.proc.exitCode !== null || server.proc.signalCode !== null) problems.push(`the restarted server exited (${server.proc.exitCode ?? server.proc.signalCode})`);
+      const rel = (t) => (t === null ? 'never' : `${((t - log.header.t) / 1e6).toFixed(1)}`);
+      problems.push(`harness timeline (ms since the writer connected): ${ops.map((x) => `${x.kind} ${x.name ?? ''} ${x.via}${x.style ? ' ' + x.style : ''} ${rel(x.T0)}..${rel(x.T1)}${x.ok === false ? ' FAILED' : ''}`).join('; ') || 'no snapshot operations'}; kill at ${rel(killT)}`);
       const tail = server.log.filter((l) => !/"level":30/.test(l)).slice(-12);
       if (tail.length) problems.push(`server log (warnings/errors since restart):\n      ${tail.join('\n      ')}`);
       for (const p of problems) console.log(`    ${p}`);
-      console.log(`    pool and the writer's log (${path.basename(logFile)}) kept at ${pool}; ${repro}`);
+      console.log(`    pool, the writer's log (${path.basename(logFile)}) and the volumes' files as the kill left them (${path.basename(forensics)}/) kept at ${pool}; ${repro}`);
       fail(iter, [...problems, repro].join('\n'));
       // The model no longer matches: stop this mode here.
       break;
     }
     res.passed++;
     fs.rmSync(logFile, { force: true });
-    for (const v of vols) v.exact = v.next;
+    fs.rmSync(forensics, { recursive: true, force: true });
+    // Recycle: every image read this round is either the new model or garbage now.
+    for (const v of vols) {
+      images.put(v.exact);
+      v.exact = v.next;
+    }
+    images.put(...snaps.values());
     snaps = nextSnaps;
+    for (const [, r] of reads) if (r.got && r.got !== volA.exact && r.got !== volB.exact && ![...snaps.values()].includes(r.got)) images.put(r.got);
+
   }
 
   // ---- clean stop, restart, everything must read exactly as modelled; offline check
@@ -1103,7 +1233,7 @@ async function runMode(mode, o, modeIdx, summary) {
     const off = await runCli(pool, ['check', '--json']);
     if (off.status !== 0) problems.push(`offline check failed (${off.status}): ${off.stdout}${off.stderr}`);
     server = await Server.start(pool);
-    const reads = await readExports(server, [...vols.map((v) => v.name), ...[...snaps.keys()].map((n) => `a@${n}`)], shm, o.size);
+    const reads = await readExports(server, [...vols.map((v) => v.name), ...[...snaps.keys()].map((n) => `a@${n}`)], o.size);
     for (const v of vols) {
       const r = reads.get(v.name);
       if (r.error) problems.push(`after clean restart, volume ${v.name}: ${r.error}`);
@@ -1125,7 +1255,6 @@ async function runMode(mode, o, modeIdx, summary) {
     if (problems.length) fail('final', problems.join('\n'));
   }
   await server.stop().catch(() => {});
-  fs.rmSync(shm, { recursive: true, force: true });
   res.seconds = (Date.now() - t0) / 1000;
   if (!res.failures.length && !o.keep) fs.rmSync(pool, { recursive: true, force: true });
   else res.kept = pool;
@@ -1141,12 +1270,13 @@ async function main() {
     console.error(err.message);
     process.exit(2);
   }
-  for (const f of [path.join(ROOT, 'dist', 'cli', 'main.js'), CLI]) if (!fs.existsSync(f)) {
+  CLI = path.join(o.root, 'bin', 'snapblock.js');
+  for (const f of [path.join(o.root, 'dist', 'cli', 'main.js'), CLI]) if (!fs.existsSync(f)) {
     console.error(`${f} is missing: build first (npx tsc -p .)`);
     process.exit(2);
   }
   const summary = { started: new Date().toISOString(), seed: o.seed, options: { ...o }, modes: [] };
-  console.log(`crash-stress: seed ${o.seed}, modes ${o.modes.join(',')}, ${o.iterations} iteration(s) each, control via ${o.control}`);
+  console.log(`crash-stress: seed ${o.seed}, modes ${o.modes.join(',')}, ${o.iterations} iteration(s) each, control via ${o.control}${o.root !== ROOT ? `, snapblock from ${o.root}` : ''}`);
   let infraError;
   for (let i = 0; i < o.modes.length; i++) {
     try {
