@@ -131,15 +131,18 @@ describe('live pool through the control API', () => {
 
   it('a volume with a connected client cannot be deleted or shrunk', async () => {
     const { spawn } = await import('node:child_process');
-    const holder = spawn('nbdsh', ['-u', srv.uri('busy'), '-c', 'import time; time.sleep(6)'], { env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}` } });
-    for (let i = 0; i < 50 && JSON.parse(srv.cli(['--json', 'volume', 'info', 'busy']).stdout).connections === 0; i++) await new Promise((r) => setTimeout(r, 100));
+    // Holds a connection until killed, however slow the machine is.
+    const holder = spawn('nbdsh', ['-u', srv.uri('busy'), '-c', 'import time; time.sleep(300)'], { env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}` } });
+    const holderExited = new Promise((r) => holder.once('exit', r));
+    for (let i = 0; i < 200 && JSON.parse(srv.cli(['--json', 'volume', 'info', 'busy']).stdout).connections === 0; i++) await new Promise((r) => setTimeout(r, 100));
     const del = srv.cli(['volume', 'delete', 'busy']);
     expect(del.status).toBe(1);
     expect(del.stderr).toMatch(/open connection/);
     const shrink = srv.cli(['volume', 'resize', 'busy', '16M', '--force']);
     expect(shrink.status).toBe(1);
     expect(shrink.stderr).toMatch(/open connection/);
-    await new Promise((r) => holder.once('exit', r));
+    holder.kill();
+    await holderExited;
   });
 
   it('a second server on the same pool is refused', () => {
