@@ -338,7 +338,7 @@ class Server {
     s.pool = pool;
     s.log = [];
     s.proc = track(spawn(process.execPath, [CLI, '--pool', pool, 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, SNAPBLOCK_LOG_LEVEL: 'info' } }));
-    s.exited = new Promise((r) => s.proc.once('exit', (code, sig) => r(sig ?? code)));
+    s.exited = new Promise((r) => s.proc.once('close', (code, sig) => r(sig ?? code))); // after its output is read
     const keep = (c) => {
       for (const line of String(c).split('\n')) if (line) s.log.push(line);
       if (s.log.length > 400) s.log.splice(0, s.log.length - 400);
@@ -1054,6 +1054,8 @@ async function runMode(mode, o, modeIdx, summary) {
     try {
       server = await Server.start(pool);
     } catch (err) {
+      // Not the server's fault: the checkout changed under us (e.g. an npm install running meanwhile).
+      if (/ERR_MODULE_NOT_FOUND|Cannot find (package|module)/.test(err.message)) throw new Error(`cannot run snapblock (broken checkout?): ${err.message}`);
       fail(iter, `restart after kill -9 failed: ${err.message}`);
       console.log(`[${mode} #${iter}] FAIL restart: ${err.message.split('\n')[0]}`);
       break;
