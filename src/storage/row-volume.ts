@@ -420,8 +420,21 @@ export class RowVolume extends Volume {
     await this.journal.reset(epoch);
   }
 
+  private flushing: Promise<void> = Promise.resolve();
+
+  /**
+   * Flushes run one after another: two overlapping flushes could otherwise commit their
+   * batches out of order (the second one's fdatasync finishing first), and replay would
+   * apply a later pointer before an earlier one.
+   */
+  private flushNoCheckpoint(): Promise<void> {
+    const run = this.flushing.then(() => this.flushOnce());
+    this.flushing = run.catch(() => {});
+    return run;
+  }
+
   /** Data, then the journal batch describing it; then released blocks become reusable. */
-  private async flushNoCheckpoint(): Promise<void> {
+  private async flushOnce(): Promise<void> {
     const batch = this.journal.take();
     const freed = this.pendingFree;
     this.pendingFree = [];
