@@ -72,7 +72,6 @@ export class GroupCommit {
   }
 }
 
-/** pread all of buf; past the end of the file reads as zeroes. */
 /**
  * Small reads already in the page cache are copied right here (preadv2 RWF_NOWAIT): a
  * thread-pool round trip costs more than the copy. Large ones always go to the pool,
@@ -84,6 +83,7 @@ function cachedRead(fd: number, buf: Buffer, at: number): boolean {
   return buf.length <= SYNC_READ_MAX && native.preadNowait(fd, buf, at) === buf.length;
 }
 
+/** pread all of buf; past the end of the file reads as zeroes. */
 export async function readAt(fd: number, buf: Buffer, at: number): Promise<void> {
   if (!buf.length || cachedRead(fd, buf, at)) return;
   const n = await native.pread(fd, buf, at);
