@@ -84,7 +84,7 @@ describe('mirror volume', () => {
     const err = await v.createSnapshot('s').catch((e: unknown) => e);
     expect(err).toBeInstanceOf(SnapshotError);
     expect((err as SnapshotError).code).toBe('EINVAL');
-    expect((err as Error).message).toMatch(/attach a mirror and wait for it to sync: snapblock volume mirror attach/);
+    expect((err as Error).message).toMatch(/attach a mirror and wait for it to sync: snapblock mirror attach <volume> --wait/);
     expect(v.mirrorStatus()).toEqual({ state: 'none', copiedBytes: 0, totalBytes: 0 });
     await v.close();
   });

@@ -12,6 +12,7 @@ const bytes = z.number().int().positive();
 
 interface MirrorCapable {
   attachMirror(onProgress?: (done: number, total: number) => void): Promise<void>;
+  waitForMirror(): Promise<void>;
   mirrorStatus(): unknown;
   detachMirror(): Promise<void>;
 }
@@ -54,7 +55,10 @@ export const operations = {
     run: async (p: Pool, a: { volume: string; wait?: boolean }) => {
       const m = await mirrorOf(p, a.volume);
       const done = m.attachMirror();
-      if (a.wait) await done;
+      if (a.wait) {
+        await done;
+        await m.waitForMirror(); // attach returns once the copy has started
+      }
       else done.catch(() => {}); // progress and failure are visible in mirror.status and the log
       return m.mirrorStatus();
     },

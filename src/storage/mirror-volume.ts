@@ -548,7 +548,7 @@ export class MirrorVolume extends Volume {
     const m = this.meta.mirror;
     if (m.state === 'synced') return;
     const what = m.state === 'none' ? 'has no mirror' : `has a mirror that is still syncing (${m.cursor} of ${this.meta.size} bytes)`;
-    throw new SnapshotError('EINVAL', `the volume ${what}; a mirror-mode snapshot splits off a synced mirror: attach a mirror and wait for it to sync: snapblock volume mirror attach <volume>`);
+    throw new SnapshotError('EINVAL', `the volume ${what}; a mirror-mode snapshot splits off a synced mirror: attach a mirror and wait for it to sync: snapblock mirror attach <volume> --wait`);
   }
 
   override async createSnapshot(name: string): Promise<SnapshotInfo> {
