@@ -3,7 +3,7 @@
 // code in dist/ and the native addon in build/Release:
 //   - request header decoding as Session.pump does it (ByteQueue take + field reads)
 //   - write payload extraction (zero-copy 4k, copying 1M that arrived in 64 KiB reads)
-//   - reply header encoding (a replica of session.ts chunkHeader, which is not exported)
+//   - reply header encoding (session.ts chunkHeader)
 //   - volume reads from a warm page cache (cow: raw image; row: block-mapped), 4k and 1M,
 //     next to the raw native calls: thread-pool pread vs synchronous preadv2(RWF_NOWAIT),
 //     fresh vs reused 1 MiB buffers (what per-request allocation costs)
@@ -19,9 +19,10 @@ import { fileURLToPath } from 'node:url';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const dist = (p) => import(path.join(ROOT, 'dist', p));
-let ByteQueue, CowVolume, RowVolume, createLogger, native;
+let ByteQueue, chunkHeader, CowVolume, RowVolume, createLogger, native;
 try {
   ({ ByteQueue } = await dist('nbd/byte-queue.js'));
+  ({ chunkHeader } = await dist('nbd/session.js'));
   ({ CowVolume } = await dist('storage/cow-volume.js'));
   ({ RowVolume } = await dist('storage/row-volume.js'));
   ({ createLogger } = await dist('log.js'));
@@ -46,7 +47,6 @@ const opts = { maxTime: quick ? 0.4 : 1.5, minSamples: quick ? 5 : 20 };
 // ---- fixtures
 
 const REQUEST_MAGIC = 0x25609513;
-const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 const MiB = 1024 * 1024;
 
 function header(type, cookie, offset, length) {
@@ -85,17 +85,6 @@ function decode(q) {
   };
 }
 
-/** replica of session.ts chunkHeader + writeU64 (OFFSET_DATA reply header) */
-function chunkHeader(req, flags, type, length, extra) {
-  const h = Buffer.allocUnsafe(20 + extra);
-  h.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
-  h.writeUInt16BE(flags, 4);
-  h.writeUInt16BE(type, 6);
-  h.writeUInt32BE(req.cookieHi, 8);
-  h.writeUInt32BE(req.cookieLo, 12);
-  h.writeUInt32BE(length, 16);
-  return h;
-}
 
 // Two 1 GiB volumes with the same content: the first 64 MiB fully written, then 64 KiB of
 // data every 128 KiB up to 128 MiB (fragmented), the rest never written (holes).
@@ -185,7 +174,7 @@ const defer = (fn) => ({
 {
   const s = suite('reply encoding (per reply)');
   const req = { cookieHi: 0, cookieLo: 12345 };
-  add(s, 'OFFSET_DATA header (replica of session.ts chunkHeader)', () => {
+  add(s, 'OFFSET_DATA header (session.ts chunkHeader)', () => {
     const h = chunkHeader(req, 1, 1, 8 + 4096, 8);
     h.writeUInt32BE(0, 20);
     h.writeUInt32BE(4096, 24);
