@@ -52,7 +52,19 @@ export interface CreateOptions {
   type?: string;
 }
 
-export const DEFAULT_TYPE: VolumeType = { mode: 'row', blockSize: 64 * 1024, cowReserve: 1024 * 1024 * 1024 };
+export const DEFAULT_TYPE: VolumeType = { mode: 'row', blockSize: 4 * 1024, cowReserve: 1024 * 1024 * 1024 };
+
+/**
+ * Block size when neither the command nor a type names one. row: 4 KiB, so a 4 KiB write to
+ * a block shared with a snapshot is redirected whole (no read-merge of a bigger block); its
+ * pointer table is paged, so memory follows the data, not the provisioned size. cow and
+ * mirror: 64 KiB (per-block copy-out and write-intent tables). Volumes too large for u32
+ * block numbers at 4 KiB get 64 KiB.
+ */
+export function defaultBlockSize(mode: SnapshotMode, size = 0): number {
+  if (mode === 'row' && Math.ceil(size / 4096) <= 0xfffffffe) return 4 * 1024;
+  return 64 * 1024;
+}
 export const MAX_VOLUME_SIZE = 2 ** 46; // 64 TiB: block indexes stay within u32 at 64 KiB blocks
 export const SNAPSHOT_CONTEXT_PREFIX = 'snapblock:changed:';
 
@@ -174,6 +186,7 @@ export class Pool implements ExportProvider {
     validateName('volume type', name);
     if (name === 'default' || this.catalog.types[name]) throw new PoolError('EEXIST', `volume type "${name}" already exists`);
     const type: VolumeType = { ...DEFAULT_TYPE, ...t };
+    if (t.blockSize === undefined) type.blockSize = defaultBlockSize(type.mode);
     checkBlockSize(type.blockSize);
     this.save({ ...this.catalog, types: { ...this.catalog.types, [name]: type } });
     return type;
@@ -249,7 +262,7 @@ export class Pool implements ExportProvider {
       type = t;
     }
     const mode = opts.mode ?? type.mode;
-    const blockSize = opts.blockSize ?? type.blockSize;
+    const blockSize = opts.blockSize ?? (opts.type ? type.blockSize : defaultBlockSize(mode, size));
     const cowReserve = opts.cowReserve ?? type.cowReserve;
     checkBlockSize(blockSize);
     const rec: VolumeRecord = { name, created: new Date().toISOString(), dir: path.join('volumes', name), mode, blockSize, cowReserve, type: opts.type };

@@ -14,8 +14,9 @@ import type { Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
+import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
+import { ioBuffer } from '../block/io-buffers.js';
 
 /** table entry slot: the original block read as zeroes, so nothing was stored */
 const HOLE = 0xffffffff;
@@ -82,6 +83,13 @@ export class CowVolume extends Volume {
   private readonly zeros: Buffer;
   private readonly durable = new GroupCommit(() => this.commitNow());
   private closed = false;
+  /** a write or trim of the data file since its last fdatasync */
+  private dataDirty = false;
+  /**
+   * The reserve file of the next snapshot (id = meta.nextSnapId), created empty and its
+   * directory entry made durable ahead of time, so a create needs no directory sync.
+   */
+  private spare?: Promise<number | undefined>;
 
   private constructor(
     private readonly dir: string,
@@ -134,6 +142,7 @@ export class CowVolume extends Volume {
     if (fs.fstatSync(fd).size !== v.meta.size) fs.ftruncateSync(fd, v.meta.size);
     await v.openReserves();
     if (records.length) await v.quiesce(() => v.checkpoint());
+    v.prepareSpare();
     return v;
   }
 
@@ -212,6 +221,9 @@ export class CowVolume extends Volume {
       }
     }
     let removed = false;
+    // The next snapshot's spare reserve stays if it is still empty.
+    const spare = path.basename(this.reservePath(this.meta.nextSnapId));
+    if (fs.existsSync(path.join(this.dir, spare)) && fs.statSync(path.join(this.dir, spare)).size === 0) keep.add(spare);
     for (const f of fs.readdirSync(this.dir)) {
       if (/^snap-\d+\.reserve$/.test(f) && !keep.has(f)) {
         fs.unlinkSync(path.join(this.dir, f));
@@ -219,6 +231,28 @@ export class CowVolume extends Volume {
       }
     }
     if (removed) fsyncDir(this.dir);
+  }
+
+  /** Create (in the background) the empty reserve file the next snapshot will use, and make its name durable. */
+  private prepareSpare(): void {
+    const id = this.meta.nextSnapId;
+    const file = this.reservePath(id);
+    const p = (async () => {
+      if (!fs.existsSync(file)) {
+        await (await fs.promises.open(file, 'w', 0o600)).close();
+      }
+      const h = await fs.promises.open(this.dir, 'r');
+      try {
+        await h.sync();
+      } finally {
+        await h.close();
+      }
+      return id;
+    })();
+    this.spare = p.catch((err) => {
+      this.opts.log.warn({ err, file }, 'could not prepare the next snapshot reserve; the create will make it');
+      return undefined;
+    });
   }
 
   // ---- copy-out ----
@@ -345,6 +379,7 @@ export class CowVolume extends Volume {
     if (!data.length) return;
     const bs = this.meta.blockSize;
     await this.preserve(Math.floor(offset / bs), Math.floor((offset + data.length - 1) / bs));
+    this.dataDirty = true;
     await native.pwrite(this.fd, data, offset);
   }
 
@@ -352,13 +387,14 @@ export class CowVolume extends Volume {
     if (!length) return;
     const bs = this.meta.blockSize;
     await this.preserve(Math.floor(offset / bs), Math.floor((offset + length - 1) / bs));
+    this.dataDirty = true;
     await native.punchHole(this.fd, offset, length);
   }
 
   // ---- reads and extents ----
 
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
-    const out = Buffer.allocUnsafe(length);
+    const out = ioBuffer(length);
     if (length === 0) return out;
     const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
     if (!snap) {
@@ -420,15 +456,22 @@ export class CowVolume extends Volume {
 
   // ---- durability ----
 
-  async flush(): Promise<void> {
+  /** fdatasync the data file unless nothing touched it since the last time */
+  private async syncData(): Promise<void> {
+    if (!this.dataDirty) return;
+    this.dataDirty = false;
     await native.fdatasync(this.fd);
+  }
+
+  async flush(): Promise<void> {
+    await this.syncData();
     await this.durable.request();
     if (this.journal.size > JOURNAL_LIMIT) await this.quiesce(() => this.checkpoint());
   }
 
   /** With writes drained: write the whole state as a new checkpoint, then start a new journal epoch. */
   private async checkpoint(): Promise<void> {
-    await native.fdatasync(this.fd);
+    await this.syncData();
     await this.durable.request();
     const table: number[] = [];
     for (const s of this.snaps) for (const [l, c] of s.table) table.push(s.id, l, c.slot, c.gen);
@@ -449,20 +492,26 @@ export class CowVolume extends Volume {
     return this.snaps.map((s) => ({ name: s.name, created: s.created, size: s.size, status: s.status, ownBytes: s.own }));
   }
 
-  protected async snapshotNow(name: string): Promise<void> {
+  protected async snapshotNow(name: string, timer: SnapshotTimer): Promise<void> {
     const id = this.meta.nextSnapId;
-    // The reserve exists before the record naming it; a crash in between leaves a stray file that open removes.
+    // The reserve exists (durably named) before the record naming it; a crash in between
+    // leaves an empty file that open keeps as the spare or removes.
     const file = this.reservePath(id);
-    fs.closeSync(fs.openSync(file, 'w', 0o600));
-    fsyncDir(this.dir);
+    if ((await timer.step('spareReserve', () => this.spare)) !== id || !fs.existsSync(file)) {
+      await timer.step('createReserve', () => {
+        fs.closeSync(fs.openSync(file, 'w', 0o600));
+        fsyncDir(this.dir);
+      });
+    }
     const rec: MetaRecord = { op: 'snapshot', id, name, gen: this.meta.gen, size: this.meta.size, created: new Date().toISOString() };
     this.journal.appendMeta(rec);
     this.applyMeta(rec);
     this.snapById(id).fd = native.openFile(file, { direct: false, readOnly: false }).fd;
     // Every write completed before the snapshot must be durable: the snapshot reads it in place.
-    await native.fdatasync(this.fd);
-    await this.durable.request();
-    this.opts.log.info({ snapshot: name, mode: 'cow', gen: rec.gen, reserve: this.meta.reserve }, 'snapshot created');
+    await timer.step('fdatasyncData', () => this.syncData());
+    await timer.step('journalCommit', () => this.durable.request());
+    this.prepareSpare();
+    this.opts.log.info({ snapshot: name, mode: 'cow', gen: rec.gen, reserve: this.meta.reserve, ...timer.fields() }, 'snapshot created');
   }
 
   protected async deleteSnapshotNow(name: string): Promise<void> {
@@ -543,7 +592,12 @@ export class CowVolume extends Volume {
       }
     }
     const known = new Set(this.snaps.map((s) => path.basename(this.reservePath(s.id))));
-    for (const f of fs.readdirSync(this.dir)) if (/^snap-\d+\.reserve$/.test(f) && !known.has(f)) problems.push(`reserve file ${f} belongs to no snapshot`);
+    const spare = path.basename(this.reservePath(this.meta.nextSnapId));
+    for (const f of fs.readdirSync(this.dir)) {
+      if (!/^snap-\d+\.reserve$/.test(f) || known.has(f)) continue;
+      if (f === spare && fs.statSync(path.join(this.dir, f)).size === 0) continue; // the next snapshot's spare
+      problems.push(`reserve file ${f} belongs to no snapshot`);
+    }
     return problems;
   }
 
@@ -555,6 +609,7 @@ export class CowVolume extends Volume {
 
   async close(): Promise<void> {
     if (this.closed) return;
+    await this.spare;
     await this.quiesce(() => this.checkpoint());
     this.closed = true;
     this.journal.close();

@@ -12,6 +12,14 @@ const BATCH_MAGIC = 0x4a424154; // 'JBAT'
 const HEADER = 16; // magic(8) + version(4) + epoch(4)
 const BATCH_HEADER = 16; // magic, length, crc, epoch
 const VERSION = 1;
+/**
+ * The file is kept written (with zeroes) this far ahead of the last batch: a commit then
+ * overwrites blocks the file already has, and its fdatasync has only data to flush, no
+ * size or extent change for the filesystem to journal (about half the latency on ext4).
+ * Replay stops at the zeroes like at any other invalid batch header.
+ */
+const PREALLOC = 1024 * 1024;
+const ZEROES = Buffer.alloc(PREALLOC);
 
 /** Fixed-size record: kind + four u32 fields; META carries JSON. */
 export const enum Kind {
@@ -37,6 +45,8 @@ export class Journal {
   private pending: Buffer[] = [];
   private pendingBytes = 0;
   private writeAt: number;
+  /** the file is written (batches, then zeroes) up to here */
+  private allocEnd: number;
   private chain: Promise<void> = Promise.resolve();
 
   private constructor(
@@ -45,6 +55,7 @@ export class Journal {
     end: number,
   ) {
     this.writeAt = end;
+    this.allocEnd = end;
   }
 
   /** Open (creating if needed) and return the records of valid batches for this epoch. */
@@ -78,7 +89,7 @@ export class Journal {
       pos += BATCH_HEADER + len;
     }
     end = HEADER + pos;
-    if (end < size) fs.ftruncateSync(fd, end); // torn or garbage tail
+    if (end < size) fs.ftruncateSync(fd, end); // torn or garbage tail, or preallocated zeroes
     return { journal: new Journal(fd, epoch, end), records };
   }
 
@@ -131,6 +142,12 @@ export class Journal {
       h.writeUInt32LE(this.epoch, 12);
       const at = this.writeAt;
       this.writeAt += BATCH_HEADER + payload.length;
+      if (this.writeAt > this.allocEnd) {
+        // Zeroes first, then the batch over them; one fdatasync covers both.
+        const end = Math.ceil((this.writeAt + PREALLOC) / PREALLOC) * PREALLOC;
+        for (let z = this.allocEnd; z < end; z += PREALLOC) await native.pwrite(this.fd, ZEROES.subarray(0, Math.min(PREALLOC, end - z)), z);
+        this.allocEnd = end;
+      }
       await native.pwritev(this.fd, [h, payload], at);
       await native.fdatasync(this.fd);
     };
@@ -145,8 +162,10 @@ export class Journal {
     this.epoch = epoch;
     writeHeader(this.fd, epoch);
     fs.ftruncateSync(this.fd, HEADER);
+    fs.writeSync(this.fd, ZEROES, 0, PREALLOC - HEADER, HEADER);
     fs.fdatasyncSync(this.fd);
     this.writeAt = HEADER;
+    this.allocEnd = PREALLOC;
   }
 
   close(): void {

@@ -19,7 +19,8 @@ import { fsyncDir } from '../pool/atomic-file.js';
 import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
-import { Volume, SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
+import { Volume, SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { ioBuffer } from '../block/io-buffers.js';
 
 const FORMAT_VERSION = 1;
 const JOURNAL_LIMIT = 64 * 1024 * 1024;
@@ -485,7 +486,7 @@ export class MirrorVolume extends Volume {
   }
 
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
-    const out = Buffer.allocUnsafe(length);
+    const out = ioBuffer(length);
     await readAt(this.viewFd(snapshot), out, offset);
     return out;
   }
@@ -556,24 +557,27 @@ export class MirrorVolume extends Volume {
     return super.createSnapshot(name);
   }
 
-  protected async snapshotNow(name: string): Promise<void> {
+  protected async snapshotNow(name: string, timer: SnapshotTimer): Promise<void> {
     this.requireSynced();
     await this.exclusive.run(async () => {
+      timer.mark('exclusive');
       const mfd = this.mirrorFd!;
-      await Promise.all([native.fdatasync(this.fd), native.fdatasync(mfd)]);
+      await timer.step('fdatasyncDataAndMirror', () => Promise.all([native.fdatasync(this.fd), native.fdatasync(mfd)]));
       const id = this.meta.nextSnapId;
       // Record first, rename second: open() finishes a rename a crash interrupted.
       const rec: MetaRecord = { op: 'snapshot', id, name, gen: this.meta.gen, size: this.meta.size, created: new Date().toISOString() };
       this.journal.appendMeta(rec);
       this.applyMeta(rec);
-      await this.durable.request();
+      await timer.step('journalCommit', () => this.durable.request());
       fs.renameSync(this.mirrorPath, this.snapPath(id));
-      fsyncDir(this.dir);
+      // The rename need not be durable before the create returns: the record is, and open()
+      // finishes a split whose rename a crash lost. The directory is synced in the background.
+      fs.promises.open(this.dir, 'r').then((h) => h.sync().finally(() => h.close())).catch((err) => this.opts.log.warn({ err }, 'syncing the volume directory after a split failed'));
       const snap = this.snapById(id);
       snap.fd = mfd; // same inode: the mirror's fd now reads the snapshot
       snap.own = fs.fstatSync(mfd).blocks * 512;
       this.mirrorFd = undefined;
-      this.opts.log.info({ snapshot: name, mode: 'mirror', gen: rec.gen }, 'mirror split off as a snapshot');
+      this.opts.log.info({ snapshot: name, mode: 'mirror', gen: rec.gen, ...timer.fields() }, 'mirror split off as a snapshot');
     });
   }
 

@@ -13,13 +13,18 @@ import * as native from '../native/index.js';
 import type { BlockLayer, Extent } from '../block/layer.js';
 import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo } from './volume.js';
+import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { readRuns, writeRuns } from './io.js';
+import { PointerTable, PAGE_ENTRIES } from './row-table.js';
+import { ioBuffer } from '../block/io-buffers.js';
 
 const UNALLOCATED = 0;
 /** deallocated on purpose: reads zero even where a base (clone parent) has data */
 const ZERO = 0xffffffff;
-const FORMAT_VERSION = 1;
+/** 2: the pointer table is checkpointed as pages (row-table.ts); 1 (flat arrays) is read and upgraded */
+const FORMAT_VERSION = 2;
+/** block indexes and physical pointers + 1 are u32 in the journal; 0xFFFFFFFF is the ZERO marker */
+const MAX_BLOCKS = 0xfffffffe;
 /** checkpoint and restart the journal once it grows past this */
 const JOURNAL_LIMIT = 64 * 1024 * 1024;
 
@@ -46,6 +51,8 @@ interface Meta {
   gen: number;
   nextPhysical: number;
   nextSnapId: number;
+  /** format 2: entries per pointer-table page */
+  tablePage?: number;
   snapshots: Array<{ id: number; name: string; gen: number; size: number; created: string }>;
 }
 
@@ -62,8 +69,9 @@ export interface RowOptions {
 
 export class RowVolume extends Volume {
   readonly mode = 'row' as const;
-  private map: Uint32Array;
-  private birth: Uint32Array;
+  private table: PointerTable;
+  /** a data write was issued since the last fdatasync of the data file */
+  private dataDirty = false;
   private snaps: Snap[] = [];
   private free: number[] = [];
   /** freed blocks whose release is not durable yet: never reused before it is */
@@ -74,14 +82,13 @@ export class RowVolume extends Volume {
   private constructor(
     private readonly dir: string,
     private meta: Meta,
-    arrays: Record<string, Uint32Array>,
+    table: PointerTable,
     private journal: Journal,
     private readonly fd: number,
     private readonly opts: RowOptions,
   ) {
     super();
-    this.map = arrays.map;
-    this.birth = arrays.birth;
+    this.table = table;
   }
 
   get size(): number {
@@ -97,23 +104,37 @@ export class RowVolume extends Volume {
   }
 
   static create(dir: string, size: number, blockSize: number): void {
+    checkBlockCount(size, blockSize);
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const n = Math.ceil(size / blockSize);
-    const meta: Meta = { format: 'snapblock-row', version: FORMAT_VERSION, epoch: 1, size, blockSize, gen: 1, nextPhysical: 0, nextSnapId: 1, snapshots: [] };
+    const meta: Meta = { format: 'snapblock-row', version: FORMAT_VERSION, epoch: 1, size, blockSize, gen: 1, nextPhysical: 0, nextSnapId: 1, tablePage: PAGE_ENTRIES, snapshots: [] };
     fs.closeSync(fs.openSync(path.join(dir, 'data'), 'w', 0o600));
-    writeCheckpoint(path.join(dir, 'checkpoint'), { meta, arrays: { map: new Uint32Array(n), birth: new Uint32Array(n), delta: new Uint32Array(0) } });
+    const empty = new PointerTable(Math.ceil(size / blockSize)).encode();
+    writeCheckpoint(path.join(dir, 'checkpoint'), { meta, arrays: { ...empty, delta: new Uint32Array(0) } });
   }
 
   static async open(dir: string, opts: RowOptions): Promise<RowVolume> {
     const ck = readCheckpoint<Meta>(path.join(dir, 'checkpoint'));
-    if (ck.meta.format !== 'snapblock-row' || ck.meta.version > FORMAT_VERSION) throw new Error(`${dir}: unsupported volume format ${ck.meta.format} v${ck.meta.version}`);
-    const { journal, records } = Journal.open(path.join(dir, 'journal'), ck.meta.epoch);
+    const m = ck.meta;
+    if (m.format !== 'snapblock-row') throw new Error(`${dir}: not a redirect-on-write volume (format ${m.format})`);
+    if (!(m.version >= 1 && m.version <= FORMAT_VERSION)) throw new Error(`${dir}: snapblock-row format version ${m.version} is not supported by this snapblock (it reads versions 1 to ${FORMAT_VERSION}); upgrade snapblock`);
+    const n = Math.ceil(m.size / m.blockSize);
+    let table: PointerTable;
+    if (m.version === 1) table = PointerTable.fromFlat(n, ck.arrays.map, ck.arrays.birth);
+    else {
+      if (m.tablePage !== PAGE_ENTRIES) throw new Error(`${dir}: pointer-table pages of ${m.tablePage} entries are not supported (this snapblock uses ${PAGE_ENTRIES})`);
+      table = PointerTable.decode(n, ck.arrays.pages, ck.arrays.map, ck.arrays.birth);
+    }
+    const { journal, records } = Journal.open(path.join(dir, 'journal'), m.epoch);
     const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
-    const v = new RowVolume(dir, ck.meta, ck.arrays, journal, fd, opts);
-    v.loadSnapshots(ck.meta, ck.arrays.delta);
+    const v = new RowVolume(dir, m, table, journal, fd, opts);
+    v.loadSnapshots(m, ck.arrays.delta);
     for (const r of records) v.replay(r);
     await v.rebuildFreeList();
-    if (records.length) await v.checkpoint();
+    // Replayed records, or a format 1 checkpoint: write the state in the current format.
+    if (records.length || m.version !== FORMAT_VERSION) {
+      if (m.version !== FORMAT_VERSION) opts.log.info({ dir, from: m.version, to: FORMAT_VERSION }, 'upgrading redirect-on-write volume format');
+      await v.checkpoint();
+    }
     return v;
   }
 
@@ -137,8 +158,7 @@ export class RowVolume extends Volume {
   private replay(r: Rec): void {
     switch (r.k) {
       case Kind.MAP:
-        this.map[r.a] = r.b;
-        this.birth[r.a] = r.c;
+        this.table.set(r.a, r.b, r.c);
         if (r.b !== UNALLOCATED && r.b !== ZERO) this.meta.nextPhysical = Math.max(this.meta.nextPhysical, r.b);
         break;
       case Kind.DELTA:
@@ -169,14 +189,7 @@ export class RowVolume extends Volume {
   }
 
   private growTables(size: number): void {
-    const n = Math.ceil(size / this.meta.blockSize);
-    if (n <= this.map.length) return;
-    const map = new Uint32Array(n);
-    map.set(this.map);
-    const birth = new Uint32Array(n);
-    birth.set(this.birth);
-    this.map = map;
-    this.birth = birth;
+    this.table.grow(Math.ceil(size / this.meta.blockSize));
   }
 
   /** Every physical block below the high-water mark that nothing owns is free; make sure it holds no old data. */
@@ -190,18 +203,35 @@ export class RowVolume extends Volume {
     fs.ftruncateSync(this.fd, this.meta.nextPhysical * bs);
     // Blocks freed just before a crash may still hold data: punch them before reuse.
     const data = await native.extents(this.fd, 0, this.meta.nextPhysical * bs);
+    const scrub: number[] = [];
     for (const e of data) {
       if (!e.data) continue;
       for (let p = Math.floor(e.offset / bs); p * bs < e.offset + e.length; p++) {
-        if (p < this.meta.nextPhysical && !used[p]) await native.punchHole(this.fd, p * bs, bs);
+        if (p < this.meta.nextPhysical && !used[p]) scrub.push(p);
       }
     }
+    await this.punch(scrub);
+  }
+
+  /** Punch physical blocks (so they read as zeroes), contiguous ones as one range. */
+  private async punch(blocks: number[]): Promise<void> {
+    if (!blocks.length) return;
+    const bs = this.meta.blockSize;
+    const sorted = Uint32Array.from(blocks).sort();
+    const jobs: Promise<void>[] = [];
+    for (let i = 0; i < sorted.length; ) {
+      let j = i + 1;
+      while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
+      jobs.push(native.punchHole(this.fd, sorted[i] * bs, (j - i) * bs));
+      i = j;
+      if (jobs.length >= 16) await Promise.all(jobs.splice(0));
+    }
+    await Promise.all(jobs);
   }
 
   /** Every owned physical pointer: the live table's and each delta's. */
   private *owners(): Generator<{ p: number; where: string }> {
-    for (let l = 0; l < this.map.length; l++) {
-      const p = this.map[l];
+    for (const [l, p] of this.table.entries()) {
       if (p !== UNALLOCATED && p !== ZERO) yield { p, where: `volume block ${l}` };
     }
     for (const s of this.snaps) for (const [l, e] of s.delta) yield { p: e.p, where: `snapshot "${s.name}" block ${l}` };
@@ -210,6 +240,7 @@ export class RowVolume extends Volume {
   private allocate(): number {
     const p = this.free.pop();
     if (p !== undefined) return p;
+    if (this.meta.nextPhysical >= MAX_BLOCKS) throw new SnapshotError('EINVAL', `no space: the data file holds the maximum of ${MAX_BLOCKS} blocks`);
     return this.meta.nextPhysical++;
   }
 
@@ -239,6 +270,7 @@ export class RowVolume extends Volume {
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + data.length - 1) / bs);
     for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
+    this.dataDirty = true;
     const newest = this.newest();
     const inPlace: Array<{ at: number; buf: Buffer }> = [];
     const redirects: Promise<void>[] = [];
@@ -247,8 +279,8 @@ export class RowVolume extends Volume {
       const start = l * bs + bo - offset;
       const n = Math.min(bs - bo, data.length - start);
       const slice = data.subarray(start, start + n);
-      const cur = this.map[l];
-      const shared = newest !== undefined && this.birth[l] <= newest.gen;
+      const cur = this.table.ptr(l);
+      const shared = newest !== undefined && this.table.birth(l) <= newest.gen;
       if (cur !== UNALLOCATED && cur !== ZERO && !shared) {
         inPlace.push({ at: (cur - 1) * bs + bo, buf: slice });
       } else if (cur === ZERO || (cur === UNALLOCATED && !this.opts.base)) {
@@ -257,8 +289,7 @@ export class RowVolume extends Volume {
         // it held before, so the record is safe early, and a concurrent in-place write to the
         // same block that is flushed first is covered by it.
         const p = this.allocate();
-        this.map[l] = p + 1;
-        this.birth[l] = this.meta.gen;
+        this.table.set(l, p + 1, this.meta.gen);
         this.journal.append(Kind.MAP, l, p + 1, this.meta.gen);
         inPlace.push({ at: p * bs + bo, buf: slice });
       } else {
@@ -271,11 +302,10 @@ export class RowVolume extends Volume {
   /** Copy-merge a block into a newly allocated one: shared with a snapshot, or a clone block still in its base. */
   private async redirect(l: number, bo: number, slice: Buffer, newest: Snap | undefined): Promise<void> {
     const bs = this.meta.blockSize;
-    const old = this.map[l];
-    const oldBirth = this.birth[l];
+    const old = this.table.ptr(l);
+    const oldBirth = this.table.birth(l);
     const p = this.allocate();
-    this.map[l] = p + 1;
-    this.birth[l] = this.meta.gen;
+    this.table.set(l, p + 1, this.meta.gen);
     let release!: () => void;
     this.locks.set(l, new Promise((r) => (release = r)));
     try {
@@ -323,24 +353,25 @@ export class RowVolume extends Volume {
     const newest = this.newest();
     const marker = this.opts.base ? ZERO : UNALLOCATED;
     for (let l = first; l <= lastFull; l++) {
-      const cur = this.map[l];
+      const cur = this.table.ptr(l);
       if (cur === marker) continue;
       if (cur !== UNALLOCATED && cur !== ZERO) {
-        if (newest && this.birth[l] <= newest.gen && !newest.delta.has(l)) {
-          newest.delta.set(l, { p: cur, birth: this.birth[l] });
-          this.journal.append(Kind.DELTA, newest.id, l, cur, this.birth[l]);
+        const birth = this.table.birth(l);
+        if (newest && birth <= newest.gen && !newest.delta.has(l)) {
+          newest.delta.set(l, { p: cur, birth });
+          this.journal.append(Kind.DELTA, newest.id, l, cur, birth);
         } else this.release(cur);
       }
-      this.map[l] = marker;
-      this.birth[l] = this.meta.gen;
+      this.table.set(l, marker, this.meta.gen);
       this.journal.append(Kind.MAP, l, marker, this.meta.gen);
     }
   }
 
   private async zeroPartial(offset: number, length: number): Promise<void> {
     const l = Math.floor(offset / this.meta.blockSize);
-    if (this.map[l] === UNALLOCATED && !this.opts.base) return; // already reads as zeroes
-    if (this.map[l] === ZERO) return;
+    const cur = this.table.ptr(l);
+    if (cur === UNALLOCATED && !this.opts.base) return; // already reads as zeroes
+    if (cur === ZERO) return;
     await this.writeLive(offset, Buffer.alloc(length));
   }
 
@@ -348,18 +379,18 @@ export class RowVolume extends Volume {
 
   /** The pointer a view sees for block l (UNALLOCATED: falls through to the base or zeroes). */
   private resolve(snap: Snap | undefined, l: number): number {
-    if (!snap) return this.map[l];
+    if (!snap) return this.table.ptr(l);
     for (let i = this.snaps.indexOf(snap); i < this.snaps.length; i++) {
       const e = this.snaps[i].delta.get(l);
       if (e) return e.birth <= snap.gen ? e.p : UNALLOCATED;
     }
-    return this.birth[l] <= snap.gen ? this.map[l] : UNALLOCATED;
+    return this.table.birth(l) <= snap.gen ? this.table.ptr(l) : UNALLOCATED;
   }
 
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
     const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
     const bs = this.meta.blockSize;
-    const out = Buffer.allocUnsafe(length);
+    const out = ioBuffer(length);
     if (length === 0) return out;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
@@ -394,7 +425,10 @@ export class RowVolume extends Volume {
         for (const b of await this.opts.base.extents(s, e - s)) out.push(b);
       } else {
         const hole = p === UNALLOCATED || p === ZERO;
-        out.push({ offset: s, length: e - s, hole, zero: hole });
+        const last = out[out.length - 1];
+        // merged as we go: at 4 KiB blocks a long run is thousands of blocks
+        if (last && last.hole === hole && last.zero === hole && last.offset + last.length === s) last.length += e - s;
+        else out.push({ offset: s, length: e - s, hole, zero: hole });
       }
       if (out.length > 4096) break; // enough for one reply; the client asks again
     }
@@ -415,7 +449,9 @@ export class RowVolume extends Volume {
     for (const s of this.snaps) for (const [l, e] of s.delta) delta.push(s.id, l, e.p, e.birth);
     const epoch = this.meta.epoch + 1;
     const meta: Meta = { ...this.meta, epoch, snapshots: this.snaps.map(({ delta: _d, ...rest }) => rest) };
-    writeCheckpoint(path.join(this.dir, 'checkpoint'), { meta, arrays: { map: this.map, birth: this.birth, delta: Uint32Array.from(delta) } });
+    meta.version = FORMAT_VERSION;
+    meta.tablePage = PAGE_ENTRIES;
+    writeCheckpoint(path.join(this.dir, 'checkpoint'), { meta, arrays: { ...this.table.encode(), delta: Uint32Array.from(delta) } });
     this.meta = meta;
     await this.journal.reset(epoch);
   }
@@ -427,22 +463,29 @@ export class RowVolume extends Volume {
    * batches out of order (the second one's fdatasync finishing first), and replay would
    * apply a later pointer before an earlier one.
    */
-  private flushNoCheckpoint(): Promise<void> {
-    const run = this.flushing.then(() => this.flushOnce());
+  private flushNoCheckpoint(timer?: SnapshotTimer): Promise<void> {
+    const run = this.flushing.then(() => this.flushOnce(timer));
     this.flushing = run.catch(() => {});
     return run;
   }
 
   /** Data, then the journal batch describing it; then released blocks become reusable. */
-  private async flushOnce(): Promise<void> {
+  private async flushOnce(timer?: SnapshotTimer): Promise<void> {
     const batch = this.journal.take();
     const freed = this.pendingFree;
     this.pendingFree = [];
-    await native.fdatasync(this.fd);
-    await this.journal.commit(batch);
+    // Nothing written since the last sync (an idle snapshot create): no data to make durable.
+    const dirty = this.dataDirty;
+    this.dataDirty = false;
+    if (dirty) {
+      if (timer) await timer.step('fdatasyncData', () => native.fdatasync(this.fd));
+      else await native.fdatasync(this.fd);
+    }
+    if (timer) await timer.step('journalCommit', () => this.journal.commit(batch));
+    else await this.journal.commit(batch);
     // Released blocks are durable as free now: scrub, then allow reuse.
-    for (const p of freed) await native.punchHole(this.fd, p * this.meta.blockSize, this.meta.blockSize);
-    this.free.push(...freed);
+    await this.punch(freed);
+    for (const p of freed) this.free.push(p);
   }
 
   // ---- snapshots ----
@@ -451,12 +494,12 @@ export class RowVolume extends Volume {
     return this.snaps.map((s) => ({ name: s.name, created: s.created, size: s.size, status: 'valid' as const, ownBytes: s.delta.size * this.meta.blockSize }));
   }
 
-  protected async snapshotNow(name: string): Promise<void> {
+  protected async snapshotNow(name: string, timer: SnapshotTimer): Promise<void> {
     const rec: MetaRecord = { op: 'snapshot', id: this.meta.nextSnapId, name, gen: this.meta.gen, size: this.meta.size, created: new Date().toISOString() };
     this.journal.appendMeta(rec);
     this.applyMeta(rec);
-    await this.flushNoCheckpoint();
-    this.opts.log.info({ snapshot: name, mode: 'row', gen: rec.gen }, 'snapshot created');
+    await this.flushNoCheckpoint(timer);
+    this.opts.log.info({ snapshot: name, mode: 'row', gen: rec.gen, ...timer.fields() }, 'snapshot created');
   }
 
   protected async deleteSnapshotNow(name: string): Promise<void> {
@@ -480,7 +523,9 @@ export class RowVolume extends Volume {
     const b = to === undefined ? undefined : this.snapByName(to);
     const candidates = new Set<number>();
     for (let i = this.snaps.indexOf(a); i < this.snaps.length; i++) for (const l of this.snaps[i].delta.keys()) candidates.add(l);
-    for (let l = 0; l < this.map.length; l++) if (this.birth[l] > a.gen) candidates.add(l);
+    this.table.forEach((l, _p, birth) => {
+      if (birth > a.gen) candidates.add(l);
+    });
     const size = Math.min(a.size, b ? b.size : this.meta.size);
     const changed: number[] = [];
     for (const l of candidates) if (l * this.meta.blockSize < size && this.resolve(a, l) !== this.resolve(b, l)) changed.push(l);
@@ -492,15 +537,17 @@ export class RowVolume extends Volume {
   }
 
   async resize(size: number): Promise<void> {
+    checkBlockCount(size, this.meta.blockSize);
     if (size < this.meta.size && this.snaps.length) throw new SnapshotError('EBUSY', 'shrinking a volume that has snapshots is not supported: delete its snapshots first');
     await this.quiesce(async () => {
       if (size < this.meta.size) {
         const bs = this.meta.blockSize;
-        for (let l = Math.ceil(size / bs); l < this.map.length; l++) {
-          const cur = this.map[l];
+        const from = Math.ceil(size / bs);
+        for (const [l, cur] of [...this.table.entries()]) {
+          if (l < from) continue;
           if (cur !== UNALLOCATED && cur !== ZERO) this.release(cur);
-          this.map[l] = UNALLOCATED;
-          this.journal.append(Kind.MAP, l, UNALLOCATED, this.meta.gen);
+          this.table.set(l, UNALLOCATED, 0);
+          this.journal.append(Kind.MAP, l, UNALLOCATED, 0);
         }
         if (size % bs) await this.zeroPartial(size, bs - (size % bs));
       }
@@ -515,6 +562,7 @@ export class RowVolume extends Volume {
 
   async check(): Promise<string[]> {
     const problems: string[] = [];
+    const bs = this.meta.blockSize;
     const owner = new Map<number, string>();
     for (const o of this.owners()) {
       if (o.p - 1 >= this.meta.nextPhysical) problems.push(`${o.where} points past the allocated area (block ${o.p - 1})`);
@@ -522,7 +570,10 @@ export class RowVolume extends Volume {
       if (prev) problems.push(`physical block ${o.p - 1} is owned twice: by ${prev} and ${o.where}`);
       owner.set(o.p, o.where);
     }
-    for (let l = 0; l < this.map.length; l++) if (this.birth[l] > this.meta.gen) problems.push(`volume block ${l} born in future generation ${this.birth[l]}`);
+    this.table.forEach((l, _p, birth) => {
+      if (birth > this.meta.gen) problems.push(`volume block ${l} born in future generation ${birth}`);
+    });
+    if (this.table.length < Math.ceil(this.meta.size / bs)) problems.push(`pointer table covers ${this.table.length} blocks but the volume has ${Math.ceil(this.meta.size / bs)}`);
     let prevGen = 0;
     for (const s of this.snaps) {
       if (s.gen <= prevGen) problems.push(`snapshot "${s.name}" generation ${s.gen} is not after the previous one`);
@@ -530,7 +581,6 @@ export class RowVolume extends Volume {
       for (const [l, e] of s.delta) if (e.birth > s.gen) problems.push(`snapshot "${s.name}" block ${l} holds a block born after it`);
     }
     // No leaked space: every allocated region of the data file is owned.
-    const bs = this.meta.blockSize;
     const pendingFree = new Set(this.pendingFree);
     for (const e of await native.extents(this.fd, 0, Number.MAX_SAFE_INTEGER)) {
       if (!e.data) continue;
@@ -554,3 +604,9 @@ export class RowVolume extends Volume {
   }
 }
 
+
+/** Block indexes and physical pointers + 1 must fit the journal's u32 fields. */
+function checkBlockCount(size: number, blockSize: number): void {
+  const n = Math.ceil(size / blockSize);
+  if (n > MAX_BLOCKS) throw new SnapshotError('EINVAL', `a ${size}-byte volume has ${n} blocks of ${blockSize} bytes; redirect-on-write volumes hold at most ${MAX_BLOCKS}: use a larger --block-size`);
+}
