@@ -21,13 +21,17 @@ import { ChunkError, chooseCodec, chunkKey, decode, encode, isZero, sha256 } fro
 import { manifestKey, mergeRanges, partialKey, resolveImage, sealManifest, MANIFEST_FORMAT, MANIFEST_VERSION, type ChunkEntry, type Manifest, type Range, type Segment } from './manifest.js';
 import { createProgress, type ProgressMode } from './progress.js';
 import { intersect, planPieces, subtract, total } from './ranges.js';
-import { BackupError, forEachLimit, Repository } from './repo.js';
+import { BackupError, ChunkIndex, forEachLimit, Repository, semaphore } from './repo.js';
 import { connectNbd, formatNbdUri, parseNbdUri, readRange, writeRange, zeroRange, ZERO, type NbdAddress, type PoolServer } from './source.js';
 import type { ObjectStore } from './store.js';
 import type { NbdClient } from '../nbd/client.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 export const DEFAULT_CONCURRENCY = 8;
+/** pieces read and hashed ahead while `concurrency` uploads are in flight */
+export const READ_AHEAD = 2;
+/** listing budget: keys listed per piece to back up (a page of 1000 keys costs about as much as a few HEADs) */
+const LIST_KEYS_PER_PIECE = 50;
 const CHANGED_PREFIX = 'snapblock:changed:';
 /** how often an in-progress backup records what it has stored (for resume) */
 const JOURNAL_MS = Number(process.env.SNAPBLOCK_BACKUP_JOURNAL_MS ?? 5000);
@@ -98,6 +102,7 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
   const warnings: string[] = [];
   const warn = (msg: string) => (warnings.push(msg), log.warn(msg));
   const retries0 = store.stats.retries;
+  const heads0 = store.stats.heads;
   await store.ensure();
 
   // ---- the source, the snapshot, the parent -------------------------------------
@@ -252,37 +257,55 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     };
     if (!resumeFrom) await journal();
 
+    // Which chunks the store holds: one bounded listing of chunks/ instead of a HEAD per
+    // chunk (started now, awaited by the first piece that needs it). Only when there is
+    // something to read; in a huge bucket the listing stops at a budget and keys past
+    // its end are HEADed as before.
+    const todo = pieces.filter(([o, l]) => !done.has(`${o}:${l}`));
+    const index = todo.length ? ChunkIndex.load(store, todo.length * LIST_KEYS_PER_PIECE).catch(() => undefined) : Promise.resolve(undefined);
+
+    // Memory: `concurrency` uploads in flight plus READ_AHEAD pieces being read and
+    // hashed meanwhile, each in one reused chunk-sized buffer (plus a compressed copy
+    // for a compressible chunk while it uploads).
+    const free: Buffer[] = [];
+    const uploads = semaphore(concurrency);
     const progress = createProgress(`backup ${id}`, ctx.progress);
     progress.setTotal(total(pieces));
     let count = 0;
     try {
-      await forEachLimit(pieces, concurrency, async ([offset, length]) => {
+      await forEachLimit(pieces, concurrency + READ_AHEAD, async ([offset, length]) => {
         if (opts.failAfterPieces !== undefined && count++ >= opts.failAfterPieces) throw new Error('failAfterPieces (test hook)');
         if (done.has(`${offset}:${length}`)) {
           stat.resumedChunks++;
           progress.add(length);
           return;
         }
-        const buf = await readRange(nbd!, offset, length);
-        stat.readBytes += length;
-        if (isZero(buf)) {
-          if (parent) zeroPieces.push([offset, length]);
-        } else {
-          const sha = await sha256(buf);
-          const codec = await chooseCodec(buf);
-          const key = chunkKey(sha, codec);
-          let stored = known.get(key);
-          if (stored === undefined) stored = await store.head(key);
-          if (stored === undefined) {
-            const enc = await encode(buf, codec, sha);
-            await store.put(key, enc.body, { sha256: enc.sha });
-            stored = enc.body.length;
-            stat.uploadedChunks++;
-            stat.uploadedBytes += stored;
-          } else stat.existingChunks++;
-          known.set(key, stored);
-          stat.dataBytes += length;
-          entries.push([offset, length, sha, codec, stored]);
+        const mem = free.pop() ?? Buffer.allocUnsafeSlow(chunkSize);
+        try {
+          const buf = await readRange(nbd!, offset, length, mem);
+          stat.readBytes += length;
+          if (isZero(buf)) {
+            if (parent) zeroPieces.push([offset, length]);
+          } else {
+            const sha = sha256(buf);
+            const codec = chooseCodec(buf);
+            const key = chunkKey(sha, codec);
+            let stored = known.get(key);
+            if (stored === undefined) stored = (await index)?.lookup(key);
+            if (stored === undefined && !(await index)?.covers(key)) stored = await store.head(key);
+            if (stored === undefined) {
+              const enc = await encode(buf, codec, sha);
+              await uploads.run(() => store.put(key, enc.body, { sha256: enc.sha }));
+              stored = enc.body.length;
+              stat.uploadedChunks++;
+              stat.uploadedBytes += stored;
+            } else stat.existingChunks++;
+            known.set(key, stored);
+            stat.dataBytes += length;
+            entries.push([offset, length, sha, codec, stored]);
+          }
+        } finally {
+          free.push(mem);
         }
         progress.add(length);
         if (Date.now() - lastJournal > JOURNAL_MS) void journal().catch(() => {});
@@ -301,7 +324,8 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     manifest.chunks = entries.sort((a, b) => a[0] - b[0]);
     manifest.zeroed = parent ? mergeRanges([...zeroed, ...zeroPieces]) : [];
     manifest.completed = new Date().toISOString();
-    manifest.stats = { ...stat, seconds, pieces: pieces.length };
+    const idx = await index;
+    manifest.stats = { ...stat, seconds, pieces: pieces.length, headRequests: store.stats.heads - heads0, listedChunkKeys: idx?.size ?? 0 };
     await store.put(manifestKey(id), sealManifest(manifest));
     await store.delete(partialKey(id));
 

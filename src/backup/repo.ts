@@ -43,6 +43,64 @@ export async function forEachLimit<T>(items: Iterable<T>, n: number, fn: (item: 
   if (failed !== undefined) throw failed;
 }
 
+/** at most n calls of run() at a time, the others wait in order */
+export function semaphore(n: number): { run<T>(fn: () => Promise<T>): Promise<T> } {
+  let active = 0;
+  const waiting: Array<() => void> = [];
+  return {
+    async run<T>(fn: () => Promise<T>): Promise<T> {
+      if (active >= n) await new Promise<void>((r) => waiting.push(r));
+      else active++;
+      try {
+        return await fn();
+      } finally {
+        const next = waiting.shift();
+        if (next) next();
+        else active--;
+      }
+    },
+  };
+}
+
+/**
+ * The chunk objects a store holds, from one listing of chunks/ (keys come sorted), cut
+ * off after `maxKeys`. covers(key) says whether the listing answers for that key: a key
+ * at or before the last one listed (or any key when the listing is complete) that is
+ * not in the listing is not in the store. Taken after the backup's lease, so GC cannot
+ * delete what it lists (docs/BACKUP.md); a chunk another backup stores meanwhile may be
+ * uploaded a second time under the same key with the same bytes, which is harmless.
+ */
+export class ChunkIndex {
+  private constructor(
+    private readonly keys: Map<string, number>,
+    /** the last key listed, or undefined when the listing is complete */
+    private readonly through: string | undefined,
+  ) {}
+
+  static async load(store: ObjectStore, maxKeys: number): Promise<ChunkIndex> {
+    const keys = new Map<string, number>();
+    let last: string | undefined;
+    for await (const o of store.list('chunks/')) {
+      keys.set(o.key, o.size);
+      last = o.key;
+      if (keys.size >= maxKeys) return new ChunkIndex(keys, last);
+    }
+    return new ChunkIndex(keys, undefined);
+  }
+
+  get size(): number {
+    return this.keys.size;
+  }
+
+  lookup(key: string): number | undefined {
+    return this.keys.get(key);
+  }
+
+  covers(key: string): boolean {
+    return this.through === undefined || key <= this.through;
+  }
+}
+
 export class Repository {
   constructor(readonly store: ObjectStore) {}
 

@@ -125,13 +125,15 @@ export class PoolServer {
 export const HOLE = 1;
 export const ZERO = 2;
 
-/** Read [offset, offset+length) in requests no larger than the server allows. */
-export async function readRange(c: NbdClient, offset: number, length: number): Promise<Buffer> {
+/** Read [offset, offset+length) in requests no larger than the server allows (into `into`, when given). */
+export async function readRange(c: NbdClient, offset: number, length: number, into?: Buffer): Promise<Buffer> {
   const max = Math.max(4096, Math.min(c.maxPayload, 32 * 1024 * 1024));
-  if (length <= max) return c.read(offset, length);
+  if (length <= max) return c.read(offset, length, into);
+  const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
   const parts: Promise<Buffer>[] = [];
-  for (let at = 0; at < length; at += max) parts.push(c.read(offset + at, Math.min(max, length - at)));
-  return Buffer.concat(await Promise.all(parts));
+  for (let at = 0; at < length; at += max) parts.push(c.read(offset + at, Math.min(max, length - at), out.subarray(at)));
+  await Promise.all(parts);
+  return out;
 }
 
 export async function writeRange(c: NbdClient, offset: number, data: Buffer): Promise<void> {
