@@ -8,15 +8,22 @@
 //
 // Per technique, on a fresh pool served by `snapblock serve`:
 //  (a) snapshot create time on a 1 GiB and on a 64 GiB thin volume, each holding --fill of data
-//      written as 1 MiB pieces at random offsets over the whole volume; timed over the control
-//      socket (the server's work plus one local HTTP round trip, no CLI start-up), --creates
-//      times each, median and max reported. mirror: `mirror attach --wait` before each create
-//      (its sync time is reported apart, it is not part of the create).
+//      written as 1 MiB pieces at random offsets over the whole volume, then made durable with
+//      an NBD FLUSH (so the create is timed on an idle volume, not charged for the fill's
+//      writeback; creates right after writes are phase (b)'s "right after writes" figures).
+//      Timed over the control socket: the client's wall time of one snapshot.create call (the
+//      server's work plus one local HTTP round trip; no CLI process start-up), --creates times
+//      each, median and max reported; next to it the server's own time from its "snapshot
+//      created" log line, split into steps (quiesce = write barrier, fdatasync of data,
+//      journal commit, ...). One create through the CLI is timed apart, start-up included.
+//      mirror: `mirror attach --wait` before each create (its sync time is reported apart, it
+//      is not part of the create).
 //  (b) 4k random write IOPS, QD32, --runtime seconds, on the 1 GiB volume over its filled range
 //      (so every write hits data a snapshot may share), with 0, 1, 2, 4, 8, 16 snapshots. Every
 //      snapshot is "hot": it is taken, then written through (a short burst for snapshots that are
 //      not a measuring point), so for COW a block's first write after several untouched
-//      snapshots is copied into each of them.
+//      snapshots is copied into each of them. --repeat N measures each point N times in a row
+//      and reports the median (this machine's load swings; one 5 s sample is not enough).
 //  (c) 1M sequential read (QD8) of the filled range: right after the fill, and after phase (b)'s
 //      random 4k overwrites; cold (the volume's data file dropped from the page cache with
 //      fadvise DONTNEED via `dd iflag=nocache`, only that file) and warm.
@@ -49,6 +56,7 @@ const HELP = `usage: node bench/snapshots.mjs [options]
   --big SIZE        the large volume for (a) (default 64G)
   --block-size SZ   volume block size (default: snapblock's default)
   --creates N       snapshot creates timed per volume (default 5)
+  --repeat N        fio runs per point of (b), median reported (default 1)
   --points LIST     snapshot counts measured in (b) (default 0,1,2,4,8,16)
   --out DIR         results directory (default bench/results)
   --dir DIR         scratch directory for pools (default system tmp)
@@ -63,7 +71,7 @@ function parseSize(s) {
 }
 
 function parseArgs(argv) {
-  const o = { modes: ['row', 'cow', 'mirror'], runtime: 5, ramp: 1, burst: 1.5, fill: 256 * MiB, size: GiB, big: 64 * GiB, blockSize: 0, creates: 5, points: [0, 1, 2, 4, 8, 16], out: path.join(ROOT, 'bench', 'results'), dir: os.tmpdir(), chart: true, keep: false };
+  const o = { modes: ['row', 'cow', 'mirror'], runtime: 5, ramp: 1, burst: 1.5, fill: 256 * MiB, size: GiB, big: 64 * GiB, blockSize: 0, creates: 5, repeat: 1, points: [0, 1, 2, 4, 8, 16], out: path.join(ROOT, 'bench', 'results'), dir: os.tmpdir(), chart: true, keep: false };
   const list = (v) => String(v).split(',').map((x) => x.trim()).filter(Boolean);
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -82,6 +90,7 @@ function parseArgs(argv) {
       case '--big': o.big = parseSize(val()); break;
       case '--block-size': o.blockSize = parseSize(val()); break;
       case '--creates': o.creates = Number(val()); break;
+      case '--repeat': o.repeat = Number(val()); break;
       case '--points': o.points = list(val()).map(Number); break;
       case '--out': o.out = path.resolve(val()); break;
       case '--dir': o.dir = path.resolve(val()); break;
@@ -96,6 +105,7 @@ function parseArgs(argv) {
   if (!o.points.length || o.points.some((p) => !Number.isInteger(p) || p < 0) || o.points.some((p, i) => i && p <= o.points[i - 1])) throw new Error('--points must be increasing non-negative integers');
   if (!(o.runtime > 0 && o.ramp >= 0 && o.burst >= 0)) throw new Error('bad --runtime/--ramp/--burst');
   if (!Number.isInteger(o.creates) || o.creates < 1) throw new Error('--creates must be >= 1');
+  if (!Number.isInteger(o.repeat) || o.repeat < 1) throw new Error('--repeat must be >= 1');
   return o;
 }
 
@@ -155,6 +165,20 @@ async function startServer(pool) {
   const proc = track(spawn(process.execPath, [CLI, '--pool', pool, 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, SNAPBLOCK_LOG_LEVEL: 'info' } }));
   const exited = new Promise((r) => proc.once('exit', (c, s) => r(s ?? c)));
   let buf = '';
+  // the server's own account of each snapshot create (JSON log lines with a "steps" field)
+  const creates = [];
+  let partial = '';
+  proc.stderr.on('data', (c) => {
+    const lines = (partial + c).split('\n');
+    partial = lines.pop();
+    for (const l of lines) {
+      if (!l.includes('"steps"')) continue;
+      try {
+        const j = JSON.parse(l);
+        if (j.snapshot && j.steps) creates.push({ volume: j.volume, snapshot: j.snapshot, ms: j.ms, steps: j.steps });
+      } catch { /* not JSON */ }
+    }
+  });
   const port = await new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`serve did not start: ${buf}`)), 60_000);
     proc.stderr.on('data', (c) => {
@@ -172,6 +196,15 @@ async function startServer(pool) {
   return {
     port,
     uri: (v) => `nbd://127.0.0.1:${port}/${v}`,
+    /** the server's log record of a create (waits briefly for the line to arrive) */
+    createLog: async (vol, snap) => {
+      for (let i = 0; i < 50; i++) {
+        const r = creates.find((x) => x.volume === vol && x.snapshot === snap);
+        if (r) return r;
+        await sleep(10);
+      }
+      return null;
+    },
     stop: async () => {
       proc.kill('SIGTERM');
       const t = setTimeout(() => proc.kill('SIGKILL'), 60_000);
@@ -262,8 +295,11 @@ async function runMode(mode, o, scratch) {
     for (const [vol, size] of [['small', o.size], ['big', o.big]]) {
       log(`${mode}: filling ${vol} (${size / GiB} GiB) with ${o.fill / MiB} MiB at random 1M offsets`);
       await fio(srv.uri(vol), { name: `fill-${vol}`, rw: 'randwrite', bs: '1M', iodepth: 8, size: String(size), io_size: String(o.fill), time_based: 0 }, scratch);
-      await api(pool, 'volume.info', { name: vol });
+      // make the fill durable: the creates below are timed on an idle volume
+      const fl = await run('nbdsh', ['-u', srv.uri(vol), '-c', 'h.flush()']);
+      if (fl.status !== 0) throw new Error(`nbdsh flush failed: ${fl.stderr}`);
       const times = [];
+      const server = [];
       const syncs = [];
       const fsyncMs = syncLatencyMs(pool);
       // mirror: every create needs a full sync first (tens of seconds at 64 GiB): fewer samples there
@@ -274,6 +310,7 @@ async function runMode(mode, o, scratch) {
         const t0 = performance.now();
         await api(pool, 'snapshot.create', { volume: vol, name: `t${i}` });
         times.push(performance.now() - t0);
+        server.push(await srv.createLog(vol, `t${i}`));
       }
       // one through the CLI too, for what a user sees (process start-up included)
       let cliMs = null;
@@ -283,9 +320,19 @@ async function runMode(mode, o, scratch) {
         await cli(pool, ['snapshot', 'create', vol, 'cli']);
         cliMs = performance.now() - c0;
       }
-      res.create[vol] = { provisioned: size, ms: times, medianMs: median(times), maxMs: Math.max(...times), cliMs, fsyncMs, mirrorSyncMs: syncs.length ? syncs : undefined };
+      // the control API's own round trip, with an operation that does no IO (snapshot.list)
+      const rtt = [];
+      for (let i = 0; i < creates; i++) {
+        const t0 = performance.now();
+        await api(pool, 'snapshot.list', { volume: vol });
+        rtt.push(performance.now() - t0);
+      }
+      const srvMs = server.filter(Boolean).map((x) => x.ms);
+      const stepNames = [...new Set(server.filter(Boolean).flatMap((x) => Object.keys(x.steps)))];
+      const steps = Object.fromEntries(stepNames.map((k) => [k, median(server.filter(Boolean).map((x) => x.steps[k] ?? 0))]));
+      res.create[vol] = { provisioned: size, ms: times, medianMs: median(times), maxMs: Math.max(...times), server: { ms: srvMs, medianMs: srvMs.length ? median(srvMs) : null, maxMs: srvMs.length ? Math.max(...srvMs) : null, medianSteps: steps }, controlRoundTripMs: median(rtt), cliMs, fsyncMs, mirrorSyncMs: syncs.length ? syncs : undefined };
       res.space.push({ phase: `(a) ${vol}: filled + its snapshots`, ...(await space(pool, vol)) });
-      log(`${mode}: create on ${vol}: median ${median(times).toFixed(2)} ms, max ${Math.max(...times).toFixed(2)} ms (CLI ${cliMs === null ? '-' : cliMs.toFixed(0)} ms; 4K write+fdatasync here: ${fsyncMs.toFixed(2)} ms)${syncs.length ? `; mirror sync median ${median(syncs).toFixed(0)} ms` : ''}`);
+      log(`${mode}: create on ${vol}: median ${median(times).toFixed(2)} ms, max ${Math.max(...times).toFixed(2)} ms; server ${srvMs.length ? median(srvMs).toFixed(2) : '?'} ms ${JSON.stringify(steps)}; control round trip (snapshot.list) ${median(rtt).toFixed(2)} ms (CLI ${cliMs === null ? '-' : cliMs.toFixed(0)} ms; 4K write+fdatasync here: ${fsyncMs.toFixed(2)} ms)${syncs.length ? `; mirror sync median ${median(syncs).toFixed(0)} ms` : ''}`);
       for (const s of [...times.keys()].map((i) => `t${i}`).concat(viaCli ? ['cli'] : [])) await api(pool, 'snapshot.delete', { volume: vol, name: s });
     }
     await api(pool, 'volume.delete', { name: 'big' });
@@ -325,11 +372,13 @@ async function runMode(mode, o, scratch) {
         }
         log(`${mode}: snapshot ${k} created in ${ms.toFixed(1)} ms${syncMs !== undefined ? ` (mirror synced in ${syncMs.toFixed(0)} ms before)` : ''}`);
       }
-      const r = await randwrite(`randwrite-${k}`, o.runtime, o.ramp);
+      const runs = [];
+      for (let i = 0; i < o.repeat; i++) runs.push({ ...(await randwrite(`randwrite-${k}-${i}`, o.runtime, o.ramp)), load: os.loadavg()[0] });
+      const r = runs.slice().sort((a, b) => a.writeIops - b.writeIops)[Math.floor((runs.length - 1) / 2)];
       const sp = await space(pool, 'small');
-      res.randwrite.push({ snapshots: k, iops: r.writeIops, p99us: r.writeLatP99us, createMs, mirrorSyncMs: syncMs });
+      res.randwrite.push({ snapshots: k, iops: r.writeIops, p99us: r.writeLatP99us, samples: runs.map((x) => Math.round(x.writeIops)), load1: runs.map((x) => Number(x.load.toFixed(1))), createMs, mirrorSyncMs: syncMs });
       res.space.push({ phase: `(b) small: after randwrite with ${k} snapshots`, ...sp });
-      log(`${mode}: 4k randwrite QD32 with ${k} snapshot(s): ${r.writeIops.toFixed(0)} IOPS (p99 ${(r.writeLatP99us / 1000).toFixed(1)} ms); allocated ${(sp.allocated / MiB).toFixed(0)} MiB`);
+      log(`${mode}: 4k randwrite QD32 with ${k} snapshot(s): ${r.writeIops.toFixed(0)} IOPS${o.repeat > 1 ? ` (median of ${runs.map((x) => x.writeIops.toFixed(0)).join(', ')}; load ${runs.map((x) => x.load.toFixed(1)).join('/')})` : ''} (p99 ${(r.writeLatP99us / 1000).toFixed(1)} ms); allocated ${(sp.allocated / MiB).toFixed(0)} MiB`);
     }
 
     // ---- (c) after: the same sequential read over the randomly overwritten range
@@ -355,12 +404,17 @@ function table(results, o) {
   const out = [];
   const pad = (s, n) => String(s).padEnd(n);
   const num = (x, d = 0) => (x === null || x === undefined ? '-' : x.toFixed(d));
-  out.push(`(a) snapshot create time over the control socket, median / max of n; CLI: one create through the CLI, wall time incl. process start-up`);
+  out.push(`(a) snapshot create time on an idle (flushed) volume: control-socket call, client wall time, median / max of n; CLI: one create through the CLI, wall time incl. process start-up`);
   out.push(`    ${pad('mode', 8)}${pad(`${o.size / GiB} GiB`, 36)}${pad(`${o.big / GiB} GiB`, 36)}${pad('fdatasync floor', 17)}mirror sync before each (median, ${o.size / GiB} / ${o.big / GiB} GiB)`);
   for (const r of results) {
     const c = (v) => `${num(r.create[v].medianMs, 2)} / ${num(r.create[v].maxMs, 2)} ms (n=${r.create[v].ms.length}, CLI ${num(r.create[v].cliMs)})`;
     const sync = r.create.small.mirrorSyncMs ? `${num(median(r.create.small.mirrorSyncMs))} ms / ${num(median(r.create.big.mirrorSyncMs))} ms` : '';
     out.push(`    ${pad(r.mode, 8)}${pad(c('small'), 36)}${pad(c('big'), 36)}${pad(`${num(r.create.small.fsyncMs, 2)} / ${num(r.create.big.fsyncMs, 2)} ms`, 17)}${sync}`);
+  }
+  out.push(`    server side (its "snapshot created" log line), median ms and median of each step:`);
+  for (const r of results) {
+    const sv = (v) => `${num(r.create[v].server?.medianMs, 2)} ms (${Object.entries(r.create[v].server?.medianSteps ?? {}).map(([k, x]) => `${k} ${num(x, 2)}`).join(', ')}), control round trip alone ${num(r.create[v].controlRoundTripMs, 2)} ms`;
+    out.push(`    ${pad(r.mode, 8)}${o.size / GiB} GiB: ${sv('small')}; ${o.big / GiB} GiB: ${sv('big')}`);
   }
   out.push(`    right after writes (phase b, before each of the ${results[0].createUnderLoad?.length ?? 0} snapshots): ${results.map((r) => `${r.mode} median ${num(median(r.createUnderLoad ?? [NaN]), 1)} / max ${num(Math.max(...(r.createUnderLoad ?? [NaN])), 1)} ms`).join(', ')}`);
   out.push('');
@@ -399,6 +453,7 @@ function claims(results) {
       `Claim "snapshot create <= 10 ms whatever the volume size" for ${r.mode}: ${ok ? 'CONFIRMED' : med <= 10 ? 'REFUTED at the tail' : 'REFUTED'} — ` +
         `median ${r.create.small.medianMs.toFixed(2)} ms at ${(r.create.small.provisioned / GiB).toFixed(0)} GiB vs ${r.create.big.medianMs.toFixed(2)} ms at ${(r.create.big.provisioned / GiB).toFixed(0)} GiB (x${ratio.toFixed(2)}), worst ${worst.toFixed(2)} ms` +
         `${ok ? ` (${(10 / worst).toFixed(1)}x under the limit)` : ` (${(worst / 10).toFixed(1)}x over the limit)`}` +
+        `; the server's own part: median ${r.create.small.server?.medianMs?.toFixed(2) ?? '?'} / ${r.create.big.server?.medianMs?.toFixed(2) ?? '?'} ms, the rest is the control round trip (alone: ${r.create.small.controlRoundTripMs?.toFixed(2) ?? '?'} ms)` +
         `${r.mode === 'mirror' ? `; not counted: the mirror sync each create needs first (median ${median(r.create.big.mirrorSyncMs).toFixed(0)} ms at ${(r.create.big.provisioned / GiB).toFixed(0)} GiB)` : ''}` +
         `${r.createUnderLoad?.length ? `; on a volume just written to (phase b) a create takes median ${median(r.createUnderLoad).toFixed(0)} ms, max ${Math.max(...r.createUnderLoad).toFixed(0)} ms: it makes the dirty data durable first` : ''}.`,
     );

@@ -389,4 +389,37 @@ describe('cow volume', () => {
     expect(await v.check()).toEqual([]);
     await v.close();
   });
+
+  it('a create uses the spare reserve made ahead of time (no directory sync), on an idle volume with one journal commit', async () => {
+    const lines: Array<Record<string, any>> = [];
+    const capture = pino({ level: 'info' }, new Writable({ write: (c, _e, cb) => (lines.push(JSON.parse(String(c))), cb()) }));
+    const dir = newDir();
+    createVolumeFiles('cow', dir, { size: 256 * KiB, blockSize: BS, cowReserve: 64 * KiB });
+    const v = await CowVolume.open(dir, { log: capture });
+    const m = new Model(256 * KiB);
+    await dw(v, m, 0, pattern(8 * BS, 1));
+    await v.flush();
+    await new Promise((r) => setTimeout(r, 50)); // the spare is made in the background
+    expect(fs.statSync(path.join(dir, 'snap-1.reserve')).size).toBe(0);
+    expect(await v.check()).toEqual([]); // the spare is no stray file
+    await v.createSnapshot('s1');
+    m.snap('s1');
+    const created = lines.find((l) => l.msg === 'snapshot created' && l.snapshot === 's1')!;
+    expect(Object.keys(created.steps)).not.toContain('createReserve');
+    expect(created.steps.journalCommit).toBeGreaterThan(0);
+    await dw(v, m, 2 * BS, pattern(BS, 2));
+    await v.flush();
+    await new Promise((r) => setTimeout(r, 50));
+    expect(fs.existsSync(path.join(dir, 'snap-2.reserve'))).toBe(true);
+    // crash with the spare in place: reopen keeps it, the snapshot reads as taken, check is clean
+    const again = await reopen(dir);
+    await verify(again, m);
+    expect(await again.check()).toEqual([]);
+    await again.createSnapshot('s2');
+    m.snap('s2');
+    await dw(again, m, 0, pattern(BS, 3));
+    await verify(again, m);
+    await again.close();
+  });
 });
+

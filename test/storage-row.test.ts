@@ -4,6 +4,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import pino from 'pino';
+import { Writable } from 'node:stream';
 import { RowVolume } from '../src/storage/row-volume.js';
 import { readCheckpoint, writeCheckpoint } from '../src/storage/checkpoint.js';
 import { tempDir } from './helpers/server.js';
@@ -137,4 +138,24 @@ describe('RowVolume', () => {
     const dir = path.join(tempDir('row-big-'), 'v');
     expect(() => RowVolume.create(dir, 2 ** 45, 4 * KiB)).toThrow(/larger --block-size/);
   });
+
+  it('snapshot create logs its steps; on an idle volume it is one journal commit, no data sync', async () => {
+    const lines: Array<Record<string, any>> = [];
+    const capture = pino({ level: 'info' }, new Writable({ write: (c, _e, cb) => (lines.push(JSON.parse(String(c))), cb()) }));
+    const dir = path.join(tempDir('row-'), 'v');
+    RowVolume.create(dir, 1024 * KiB, 4 * KiB);
+    const v = await RowVolume.open(dir, { log: capture });
+    await v.write(0, Buffer.alloc(8 * KiB, 1));
+    await v.createSnapshot('busy'); // written since the last sync: data first
+    await v.createSnapshot('idle');
+    const steps = (name: string) => lines.find((l) => l.msg === 'snapshot created' && l.snapshot === name)!.steps;
+    expect(Object.keys(steps('busy'))).toEqual(['quiesce', 'fdatasyncData', 'journalCommit']);
+    expect(Object.keys(steps('idle'))).toEqual(['quiesce', 'journalCommit']);
+    await v.write(0, Buffer.alloc(4 * KiB, 2));
+    const again = await RowVolume.open(dir, { log }); // crash: both snapshots were durable at create
+    expect((await again.readView('idle', 0, 8 * KiB)).equals(Buffer.alloc(8 * KiB, 1))).toBe(true);
+    expect(again.snapshots().map((s) => s.name)).toEqual(['busy', 'idle']);
+    await again.close();
+  });
 });
+
