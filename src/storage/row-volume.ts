@@ -76,6 +76,9 @@ export class RowVolume extends Volume {
   private free: number[] = [];
   /** freed blocks whose release is not durable yet: never reused before it is */
   private pendingFree: number[] = [];
+  /** released durably, being punched in the background; reusable once punched */
+  private scrubbing = new Set<number>();
+  private punching: Promise<void> = Promise.resolve();
   private locks = new Map<number, Promise<void>>();
   private closed = false;
 
@@ -214,7 +217,7 @@ export class RowVolume extends Volume {
   }
 
   /** Punch physical blocks (so they read as zeroes), contiguous ones as one range. */
-  private async punch(blocks: number[]): Promise<void> {
+  private async punch(blocks: number[], parallel = 16): Promise<void> {
     if (!blocks.length) return;
     const bs = this.meta.blockSize;
     const sorted = Uint32Array.from(blocks).sort();
@@ -224,7 +227,7 @@ export class RowVolume extends Volume {
       while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
       jobs.push(native.punchHole(this.fd, sorted[i] * bs, (j - i) * bs));
       i = j;
-      if (jobs.length >= 16) await Promise.all(jobs.splice(0));
+      if (jobs.length >= parallel) await Promise.all(jobs.splice(0));
     }
     await Promise.all(jobs);
   }
@@ -483,9 +486,23 @@ export class RowVolume extends Volume {
     }
     if (timer) await timer.step('journalCommit', () => this.journal.commit(batch));
     else await this.journal.commit(batch);
-    // Released blocks are durable as free now: scrub, then allow reuse.
-    await this.punch(freed);
-    for (const p of freed) this.free.push(p);
+    // Released blocks are durable as free now: scrub, then allow reuse. In the background:
+    // a snapshot delete frees tens of thousands of blocks, and nothing waits for their space.
+    if (freed.length) {
+      for (const p of freed) this.scrubbing.add(p);
+      this.punching = this.punching.then(async () => {
+        try {
+          await this.punch(freed, 2);
+          for (const p of freed) {
+            this.scrubbing.delete(p);
+            this.free.push(p);
+          }
+        } catch (err) {
+          // left unowned and unpunched: the next open scrubs them
+          this.opts.log.error({ err, blocks: freed.length }, 'punching released blocks failed; they are not reused until the volume is reopened');
+        }
+      });
+    }
   }
 
   // ---- snapshots ----
@@ -561,6 +578,7 @@ export class RowVolume extends Volume {
   // ---- invariants ----
 
   async check(): Promise<string[]> {
+    await this.punching; // released blocks still being scrubbed would look leaked
     const problems: string[] = [];
     const bs = this.meta.blockSize;
     const owner = new Map<number, string>();
@@ -581,7 +599,7 @@ export class RowVolume extends Volume {
       for (const [l, e] of s.delta) if (e.birth > s.gen) problems.push(`snapshot "${s.name}" block ${l} holds a block born after it`);
     }
     // No leaked space: every allocated region of the data file is owned.
-    const pendingFree = new Set(this.pendingFree);
+    const pendingFree = new Set([...this.pendingFree, ...this.scrubbing]);
     for (const e of await native.extents(this.fd, 0, Number.MAX_SAFE_INTEGER)) {
       if (!e.data) continue;
       for (let p = Math.floor(e.offset / bs); p * bs < e.offset + e.length; p++) {
@@ -598,6 +616,7 @@ export class RowVolume extends Volume {
   async close(): Promise<void> {
     if (this.closed) return;
     await this.quiesce(() => this.checkpoint());
+    await this.punching;
     this.closed = true;
     this.journal.close();
     native.closeFile(this.fd);
