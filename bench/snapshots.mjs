@@ -22,8 +22,10 @@
 //      (so every write hits data a snapshot may share), with 0, 1, 2, 4, 8, 16 snapshots. Every
 //      snapshot is "hot": it is taken, then written through (a short burst for snapshots that are
 //      not a measuring point), so for COW a block's first write after several untouched
-//      snapshots is copied into each of them. --repeat N measures each point N times in a row
-//      and reports the median (this machine's load swings; one 5 s sample is not enough).
+//      snapshots is copied into each of them. --repeat N measures each point N times and reports
+//      the median (this machine's load swings; one 5 s sample is not enough); before each repeat
+//      at a point k > 0 the newest snapshot is deleted and taken again, so every sample starts
+//      with a hot snapshot (a second run on the same snapshot would mostly write in place).
 //  (c) 1M sequential read (QD8) of the filled range: right after the fill, and after phase (b)'s
 //      random 4k overwrites; cold (the volume's data file dropped from the page cache with
 //      fadvise DONTNEED via `dd iflag=nocache`, only that file) and warm.
@@ -373,7 +375,15 @@ async function runMode(mode, o, scratch) {
         log(`${mode}: snapshot ${k} created in ${ms.toFixed(1)} ms${syncMs !== undefined ? ` (mirror synced in ${syncMs.toFixed(0)} ms before)` : ''}`);
       }
       const runs = [];
-      for (let i = 0; i < o.repeat; i++) runs.push({ ...(await randwrite(`randwrite-${k}-${i}`, o.runtime, o.ramp)), load: os.loadavg()[0] });
+      for (let i = 0; i < o.repeat; i++) {
+        if (i > 0 && k > 0) {
+          // every sample starts with a hot newest snapshot: re-take it (the count stays k)
+          await api(pool, 'snapshot.delete', { volume: 'small', name: `s${k}` });
+          if (mode === 'mirror') await ensureMirror(pool, 'small');
+          await api(pool, 'snapshot.create', { volume: 'small', name: `s${k}` });
+        }
+        runs.push({ ...(await randwrite(`randwrite-${k}-${i}`, o.runtime, o.ramp)), load: os.loadavg()[0] });
+      }
       const r = runs.slice().sort((a, b) => a.writeIops - b.writeIops)[Math.floor((runs.length - 1) / 2)];
       const sp = await space(pool, 'small');
       res.randwrite.push({ snapshots: k, iops: r.writeIops, p99us: r.writeLatP99us, samples: runs.map((x) => Math.round(x.writeIops)), load1: runs.map((x) => Number(x.load.toFixed(1))), createMs, mirrorSyncMs: syncMs });
