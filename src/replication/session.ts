@@ -9,9 +9,12 @@
 //          a barrier that the secondary also executes). The queue is bounded: past
 //          maxLagBytes, writes wait (bounded lag).
 //
-// Every write first marks its regions in the persisted region log (region-log.ts). When
-// the link is lost, writes mark regions as needing resync instead of shipping; when it
-// returns (or after a restart of either side) only marked regions are copied.
+// Every write first makes its regions (extents) hot in the persisted activity log
+// (region-log.ts): free when they already are, one shared fdatasync when they enter; a
+// sequential writer has extents marked ahead of it, in the background. When the link is
+// lost, writes mark regions as needing resync instead of shipping; when it returns only
+// dirty regions, plus hot ones that no remote flush covered, are copied; after a crash of
+// the primary, every region in the log.
 import type { Logger } from 'pino';
 import { BlockError, type WriteFlags, type ZeroFlags } from '../block/layer.js';
 import type { NbdClient } from '../nbd/client.js';
@@ -34,6 +37,8 @@ export interface SessionOptions {
   timeoutMs: number;
   /** async: queued bytes beyond which writes wait */
   maxLagBytes: number;
+  /** bound of the activity log's hot set, in extents (default: 1 GiB worth) */
+  hotLimit?: number;
   /** the peer has been promoted: fence the volume here */
   onFailedOver(reason: string): void;
 }
@@ -61,8 +66,41 @@ const MAX_SHIP_ENTRIES = 64;
 const MAX_SHIP_BYTES = 32 * 1024 * 1024;
 const COPY_PARALLEL = 8;
 
-const MARK_AHEAD = Number(process.env.SNAPBLOCK_REPL_MARK_AHEAD ?? 15);
+/** a sequential writer has this many extents ahead of it made hot (in the background) */
+const MARK_AHEAD = Math.max(2, Number(process.env.SNAPBLOCK_REPL_MARK_AHEAD ?? 64));
+/** how many write streams the sequential detection follows */
+const STREAMS = 64;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+// Buffers for the async queue's copies, reused by size class (powers of two from 64 KiB).
+const POOL_MIN = 64 * 1024;
+const POOL_MAX_IDLE = 64 * 1024 * 1024;
+const pool = new Map<number, Buffer[]>();
+const backingOf = new WeakMap<Buffer, Buffer>();
+let poolIdle = 0;
+
+function copyBuffer(src: Buffer): Buffer {
+  if (src.length < POOL_MIN) return Buffer.from(src);
+  const cls = 2 ** Math.ceil(Math.log2(src.length));
+  const reused = pool.get(cls)?.pop();
+  if (reused) poolIdle -= cls;
+  const backing = reused ?? Buffer.allocUnsafeSlow(cls);
+  const view = backing.subarray(0, src.length);
+  src.copy(view);
+  backingOf.set(view, backing);
+  return view;
+}
+
+function releaseBuffer(view: Buffer): void {
+  const backing = backingOf.get(view);
+  if (!backing) return;
+  backingOf.delete(view);
+  if (poolIdle + backing.length > POOL_MAX_IDLE) return;
+  let list = pool.get(backing.length);
+  if (!list) pool.set(backing.length, (list = []));
+  list.push(backing);
+  poolIdle += backing.length;
+}
 
 export class ReplicationSession {
   link: LinkState = 'connecting';
@@ -79,8 +117,10 @@ export class ReplicationSession {
   private readonly inflight = new Map<number, number>();
   private readonly drainWaiters = new Map<number, Array<() => void>>();
   private readonly locks = new Map<number, Promise<void>>();
-  private touched = new Set<number>();
-  private prevTouched = new Set<number>();
+  /** regions written before the initial sync completed (the initial scan must not clear them) */
+  private readonly touched = new Set<number>();
+  /** where recent writes ended: a write starting at one of these continues a sequential stream */
+  private readonly heads = new Map<number, true>();
   private readonly active = new Set<Active>();
   private cleanWaiters: Array<{ r0: number; r1: number; resolve: () => void; reject: (e: Error) => void }> = [];
   private readonly queue: Entry[] = [];
@@ -97,7 +137,7 @@ export class ReplicationSession {
 
   constructor(private readonly o: SessionOptions) {
     this.size = o.local.size;
-    this.rlog = RegionLog.open(o.logFile, this.size, o.regionSize);
+    this.rlog = RegionLog.open(o.logFile, this.size, o.regionSize, { hotLimit: o.hotLimit });
     this.need = new Uint8Array(Math.ceil(this.rlog.count / 8));
   }
 
@@ -128,6 +168,10 @@ export class ReplicationSession {
       dirtyBytes: needBytes,
       regionSize: this.o.regionSize,
       loggedRegions: this.rlog.markedCount(),
+      hotRegions: this.rlog.hotCount,
+      hotLimit: this.rlog.hotLimit,
+      unflushedRegions: this.rlog.uncoveredCount(),
+      logCommits: this.rlog.syncs,
       initialSyncDone: this.rlog.initialSyncDone,
       progress: this.progress,
       resyncedBytes: this.resyncedBytes,
@@ -214,10 +258,9 @@ export class ReplicationSession {
       await this.waitUnlocked(r0, r1);
       this.enter(r0, r1);
       entered = true;
-      // A sequential stream (the region before was just written) marks ahead, so that it
-      // pays one log commit per MARK_AHEAD regions rather than one per region.
-      const ahead = r0 > 0 && this.touched.has(r0 - 1) && !this.rlog.isMarked(r1) ? MARK_AHEAD : 0;
-      const m = this.rlog.mark(r0, Math.min(this.rlog.count - 1, r1 + ahead));
+      // Activity log: free when the extents are hot already; else one shared commit.
+      const m = this.rlog.activate(r0, r1);
+      if (this.sequential(e.offset, e.length)) this.markAhead(r1);
       if (m) await m;
       this.checkWritable();
       const local = () => this.applyLocal(e, fua);
@@ -247,7 +290,10 @@ export class ReplicationSession {
       await local();
       if (linked()) {
         this.enter(r0, r1); // held until shipped
-        const data = e.data ? Buffer.from(e.data) : undefined;
+        // The one copy async needs: the caller owns `data` again once we resolve
+        // (BlockLayer contract). The copy comes from a pool of reused buffers (a fresh
+        // large allocation costs a page fault per page) and goes back once shipped.
+        const data = e.data ? copyBuffer(e.data) : undefined;
         this.queue.push({ ...e, data, r0, r1, queued: Date.now() });
         this.queuedBytes += e.length;
         this.pump();
@@ -258,6 +304,28 @@ export class ReplicationSession {
     }
     // async back-pressure: bounded lag
     while (this.queuedBytes > this.o.maxLagBytes && this.client && !this.stopped) await new Promise<void>((r) => this.roomWaiters.push(r));
+  }
+
+  /** Is a write at offset the continuation of a recent one? (follows STREAMS streams) */
+  private sequential(offset: number, length: number): boolean {
+    const seq = offset > 0 && this.heads.delete(offset);
+    this.heads.set(offset + length, true);
+    if (this.heads.size > STREAMS) this.heads.delete(this.heads.keys().next().value as number);
+    return seq;
+  }
+
+  /**
+   * Keep extents ahead of a sequential writer hot, so that it never waits for a log
+   * commit: when one of the next MARK_AHEAD/2 extents is not in the log, the next
+   * MARK_AHEAD from there are marked in the background (one commit).
+   */
+  private markAhead(r1: number): void {
+    const last = this.rlog.count - 1;
+    for (let r = r1 + 1; r <= Math.min(last, r1 + (MARK_AHEAD >> 1)); r++) {
+      if (this.rlog.isMarked(r)) continue;
+      this.rlog.prefetch(r, Math.min(last, r + MARK_AHEAD - 1));
+      return;
+    }
   }
 
   private degrade(): void {
@@ -283,9 +351,10 @@ export class ReplicationSession {
   // ---------------------------------------------------------------- region bookkeeping
 
   private enter(r0: number, r1: number): void {
+    const initial = !this.rlog.initialSyncDone;
     for (let r = r0; r <= r1; r++) {
       this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
-      this.touched.add(r);
+      if (initial) this.touched.add(r);
     }
   }
 
@@ -373,6 +442,7 @@ export class ReplicationSession {
       this.applyRemote(c, e, false).then(
         () => {
           this.shipping.delete(e);
+          if (e.data) releaseBuffer(e.data); // the secondary replied: the socket is done with it
           this.shipped(e);
           this.pump();
         },
@@ -420,6 +490,8 @@ export class ReplicationSession {
     this.link = 'disconnected';
     this.o.log.warn({ volume: this.o.volume, err: err.message }, 'replication link lost; tracking dirty regions');
     this.unqueue();
+    // What the secondary acknowledged but never flushed may be lost there.
+    for (const r of this.rlog.uncovered()) this.setNeed(r, r);
     if (this.o.settings.mode === 'sync' && this.o.settings.onLinkLoss === 'degrade') this.degrade();
     this.reconnect();
   }
@@ -465,12 +537,17 @@ export class ReplicationSession {
         this.lastError = undefined;
         this.link = 'syncing';
         this.o.log.info({ volume: this.o.volume, backend: this.o.settings.backendId }, 'replication link up');
-        // Whatever the log holds may differ (unflushed on the secondary, or written while apart).
-        for (const r of this.rlog.marked()) this.setNeed(r, r);
+        // Whatever the log holds and no remote flush covered may differ (after a restart:
+        // every region in the log; after a link loss: what was unflushed there, or written
+        // while apart — already dirty).
+        for (const r of this.rlog.uncovered()) this.setNeed(r, r);
         if (!this.rlog.initialSyncDone) await this.initialScan(c);
         await this.resync(c);
         if (this.client !== c) continue;
-        if (!this.rlog.initialSyncDone) await this.rlog.setInitialSyncDone(true);
+        if (!this.rlog.initialSyncDone) {
+          await this.rlog.setInitialSyncDone(true);
+          this.touched.clear();
+        }
         this.link = 'replicating';
         if (this.degraded && this.needCount === 0) {
           this.degraded = false;
@@ -538,7 +615,9 @@ export class ReplicationSession {
       await Promise.all(Array.from({ length: COPY_PARALLEL }, worker));
     }
     if (this.client !== c) return;
+    const cands = this.rlog.coverCandidates(this.busy);
     await c.flush();
+    this.rlog.covered(cands);
     this.o.log.info({ volume: this.o.volume, phase: this.progress.phase, bytes: copied, ms: Date.now() - t0 }, 'resync done');
     this.progress = { ...this.progress, done: this.progress.total };
   }
@@ -578,25 +657,23 @@ export class ReplicationSession {
     return bytes;
   }
 
-  /** Clear log bits of regions that stayed idle for a whole cycle and that the secondary flushed. */
+  /** not a candidate for leaving the log or being covered: in flight, dirty, or being copied */
+  private readonly busy = (r: number): boolean => this.inflight.has(r) || this.isNeed(r) || this.locks.has(r);
+
+  /**
+   * Once a second: FLUSH the secondary (also the heartbeat of an idle link); the hot
+   * extents whose writes completed before it are then covered, and the hot set is
+   * brought back under its bound (lazily: the cleared bits ride with the next commit).
+   */
   private async cleanCycle(): Promise<void> {
     const c = this.client;
     if (this.cleaning || !c || this.link !== 'replicating') return;
     this.cleaning = true;
     try {
-      const prev = this.prevTouched;
-      this.prevTouched = this.touched;
-      this.touched = new Set();
-      const cands: number[] = [];
-      for (const r of this.rlog.marked()) if (!this.isNeed(r) && !this.inflight.has(r) && !this.locks.has(r) && !prev.has(r) && !this.prevTouched.has(r)) cands.push(r);
-      await c.flush(); // also the heartbeat of an idle link
-      let n = 0;
-      for (const r of cands) {
-        if (this.isNeed(r) || this.inflight.has(r) || this.touched.has(r) || this.locks.has(r)) continue;
-        this.rlog.clear(r);
-        n++;
-      }
-      if (n) await this.rlog.commit();
+      const cands = this.rlog.coverCandidates(this.busy);
+      await c.flush();
+      this.rlog.covered(cands);
+      this.rlog.evict((r) => !this.busy(r));
     } catch (err) {
       this.linkLost(c, err as Error);
     } finally {
@@ -613,9 +690,19 @@ export class ReplicationSession {
     for (const w of this.cleanWaiters.splice(0)) w.reject(e);
     this.unqueue();
     const c = this.client;
+    // A last remote flush covers what the secondary has, so that a restart resyncs nothing.
+    if (c && this.link === 'replicating' && !this.cleaning) {
+      const cands = this.rlog.coverCandidates(this.busy);
+      await c.flush().then(
+        () => this.rlog.covered(cands),
+        () => {},
+      );
+    }
     this.client = undefined;
     if (this.link !== 'failed-over') this.link = 'stopped';
     if (c) await c.close().catch(() => {});
+    // Clean stop: covered extents leave the log (the secondary has them durably).
+    if (this.link !== 'failed-over') this.rlog.releaseCovered((r) => !this.busy(r));
     await this.rlog.close();
   }
 
