@@ -52,7 +52,12 @@ export interface Capabilities {
 export interface BlockLayer {
   readonly size: number;
   readonly caps: Capabilities;
+  /** The returned buffer belongs to the caller, who may hand it to io-buffers' recycle(). */
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Once the returned promise resolves, `data` belongs to the caller again (it may be reused
+   * for another request): a layer that needs the bytes later must copy them.
+   */
   write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, flags?: WriteFlags): Promise<void>;

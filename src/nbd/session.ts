@@ -10,6 +10,7 @@ import type { MetaContextSource } from './exports.js';
 import { ByteQueue } from './byte-queue.js';
 import { AllocationFlag, BASE_ALLOCATION, Cmd, CmdFlag, NbdErr, REQUEST_MAGIC, ReplyFlag, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC } from './constants.js';
 import { nbdErrno } from './errors.js';
+import { recycle } from '../block/io-buffers.js';
 
 export interface SessionConfig {
   maxPayload: number;
@@ -236,7 +237,11 @@ export class Session {
     const bytes = req.type === Cmd.READ ? req.length : (payload?.length ?? 0);
     this.begin(bytes);
     this.execute(req, payload).then(
-      () => this.end(bytes),
+      () => {
+        // Layers are done with a write payload once it succeeded (the BlockLayer contract).
+        if (payload) recycle(payload);
+        this.end(bytes);
+      },
       (e: unknown) => {
         this.cfg.log.warn({ err: (e as Error).message, type: req.type, offset: req.offset, length: req.length }, 'NBD request failed');
         if (this.neg.structured && (req.type === Cmd.READ || req.type === Cmd.BLOCK_STATUS)) this.replyError(req, nbdErrno(e), (e as Error).message);
@@ -288,7 +293,7 @@ export class Session {
       h.writeUInt32BE(0, 4);
       h.writeUInt32BE(req.cookieHi, 8);
       h.writeUInt32BE(req.cookieLo, 12);
-      return this.send(h, data);
+      return this.send(h, data, true);
     }
     if (req.length === 0) return this.sendChunk(req, ReplyFlag.DONE, ReplyType.NONE, 0);
     const sparse = req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.DF) && L.caps.extents;
@@ -383,14 +388,15 @@ export class Session {
   private sendData(req: Request, offset: number, data: Buffer, flags: number): void {
     const h = chunkHeader(req, flags, ReplyType.OFFSET_DATA, 8 + data.length, 8);
     writeU64(h, 20, offset);
-    this.send(h, data);
+    this.send(h, data, true);
   }
 
   private sendChunk(req: Request, flags: number, type: number, length: number, payload?: Buffer): void {
     this.send(chunkHeader(req, flags, type, length, 0), payload);
   }
 
-  private send(head: Buffer, body?: Buffer): void {
+  /** recycleBody: body is read data nobody else holds; its buffer is reused once sent. */
+  private send(head: Buffer, body?: Buffer, recycleBody = false): void {
     if (this.closed) return;
     // Cork until the end of this tick so replies completed together leave in one writev.
     if (!this.corked) {
@@ -402,7 +408,10 @@ export class Session {
       });
     }
     this.socket.write(head);
-    if (body && body.length) this.socket.write(body);
+    if (body && body.length) {
+      if (recycleBody) this.socket.write(body, () => recycle(body));
+      else this.socket.write(body);
+    }
   }
 
   // ---- back-pressure ----
