@@ -121,6 +121,14 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// dup(2) with close-on-exec: lets Node adopt an accepted socket as a second handle.
+Napi::Value DupFd(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) throw ErrnoError(info.Env(), errno, "fcntl");
+  return Napi::Number::New(info.Env(), copy);
+}
+
 // Shared by pread/preadv: resolves with the number of bytes read.
 Napi::Value StartRead(const Napi::CallbackInfo& info, IoVec iov, std::vector<Napi::Object> keep, const char* syscall) {
   int fd = ArgFd(info, 0);
@@ -204,6 +212,7 @@ Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
 void InitFileIo(Napi::Env env, Napi::Object exports) {
   exports.Set("open", Napi::Function::New(env, Open, "open"));
   exports.Set("close", Napi::Function::New(env, Close, "close"));
+  exports.Set("dupFd", Napi::Function::New(env, DupFd, "dupFd"));
   exports.Set("pread", Napi::Function::New(env, Pread, "pread"));
   exports.Set("pwrite", Napi::Function::New(env, Pwrite, "pwrite"));
   exports.Set("preadv", Napi::Function::New(env, Preadv, "preadv"));

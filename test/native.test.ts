@@ -117,6 +117,19 @@ describe('open / close', () => {
     close(f.fd);
     expect(() => native.closeFile(f.fd)).toThrow(expect.objectContaining({ code: 'EBADF', errno: -os.constants.errno.EBADF }));
   });
+
+  it('dupFd gives a second descriptor of the same open file that outlives the first', async () => {
+    const f = open(tmpDir);
+    await native.pwrite(f.fd, Buffer.from('shared'), 0);
+    const copy = native.dupFd(f.fd);
+    expect(copy).not.toBe(f.fd);
+    close(f.fd);
+    const buf = Buffer.alloc(6);
+    expect(await native.pread(copy, buf, 0)).toBe(6);
+    expect(buf.toString()).toBe('shared');
+    native.closeFile(copy);
+    expect(() => native.dupFd(copy)).toThrow(expect.objectContaining({ code: 'EBADF' }));
+  });
 });
 
 describe('read / write', () => {

@@ -28,6 +28,7 @@ export interface OpenedFile {
 interface Addon {
   open(path: string, direct: boolean, readOnly: boolean, create: boolean): OpenedFile;
   close(fd: number): void;
+  dupFd(fd: number): number;
   pread(fd: number, buf: Buffer, offset: number): Promise<number>;
   pwrite(fd: number, buf: Buffer, offset: number, dsync: boolean): Promise<void>;
   preadv(fd: number, bufs: Buffer[], offset: number): Promise<number>;
@@ -48,6 +49,8 @@ const addon: Addon = require(path.join(root, 'build', 'Release', 'snapblock_nati
 export const openFile = (file: string, o: OpenOptions): OpenedFile =>
   addon.open(file, o.direct, o.readOnly, o.create ?? false);
 export const closeFile = (fd: number): void => addon.close(fd);
+/** A close-on-exec duplicate of fd (the same open socket or file under a second number). */
+export const dupFd = (fd: number): number => addon.dupFd(fd);
 /** Reads up to buf.length bytes at offset off the JS thread; resolves with bytes read (short only at EOF). */
 export const pread = (fd: number, buf: Buffer, offset: number): Promise<number> => addon.pread(fd, buf, offset);
 /** Writes all of buf at offset off the JS thread; dsync = RWF_DSYNC (used for FUA). */

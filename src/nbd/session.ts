@@ -10,7 +10,8 @@ import type { MetaContextSource } from './exports.js';
 import { ByteQueue } from './byte-queue.js';
 import { AllocationFlag, BASE_ALLOCATION, Cmd, CmdFlag, NbdErr, REQUEST_MAGIC, ReplyFlag, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC } from './constants.js';
 import { nbdErrno } from './errors.js';
-import { recycle } from '../block/io-buffers.js';
+import { ioBuffer, recycle } from '../block/io-buffers.js';
+import { DirectSocket } from './direct-socket.js';
 
 export interface SessionConfig {
   maxPayload: number;
@@ -22,6 +23,8 @@ const HEADER = 28;
 /** reads at least this long are checked for holes and answered with OFFSET_HOLE chunks */
 const SPARSE_READ_MIN = 64 * 1024;
 const MAX_DESCRIPTORS = 64 * 1024;
+/** write payloads at least this long are received straight into their own buffer */
+const DIRECT_PAYLOAD_MIN = 64 * 1024;
 
 const ALLOWED_FLAGS: Record<number, number> = {
   [Cmd.READ]: CmdFlag.FUA | CmdFlag.DF,
@@ -47,6 +50,10 @@ class ProtocolViolation extends Error {}
 
 export class Session {
   private readonly socket: net.Socket;
+  /** set for plaintext connections: reads go into buffers we choose (see direct-socket.ts) */
+  private readonly direct?: DirectSocket;
+  private receiving = false; // a large payload is being received straight into its buffer
+  private discarding = false; // shutting down: incoming bytes are dropped
   private readonly layer: BlockLayer;
   private readonly queue: ByteQueue;
   private readonly contexts: Array<{ id: number; source: MetaContextSource }> = [];
@@ -66,9 +73,18 @@ export class Session {
     private readonly neg: Negotiated,
     private readonly cfg: SessionConfig,
   ) {
-    this.socket = neg.socket;
     this.layer = neg.opened.layer;
     this.queue = neg.leftover;
+    this.direct = DirectSocket.adopt(neg.socket, this.queue, {
+      onBytes: (view) => {
+        if (this.discarding) return;
+        this.queue.push(view);
+        this.pump();
+        // The view's memory is reused by the next read: keep a copy of what is still queued.
+        if (this.queue.length) this.queue.push(Buffer.from(this.queue.take(this.queue.length)));
+      },
+    });
+    this.socket = this.direct?.socket ?? neg.socket;
     for (const [id, name] of neg.metaContexts) {
       const source = name === BASE_ALLOCATION ? this.allocationContext() : neg.opened.metaContexts?.find((m) => m.name === name);
       if (source) this.contexts.push({ id, source });
@@ -98,6 +114,7 @@ export class Session {
       await this.idle();
       if (!this.closed) {
         // Keep reading (and discarding) so the client's FIN is seen and 'close' fires.
+        this.discarding = true;
         this.socket.removeAllListeners('data');
         this.socket.on('data', () => {});
         this.socket.resume();
@@ -140,9 +157,13 @@ export class Session {
         }
         if (this.pending) {
           const req = this.pending;
-          if (this.queue.length < req.length) return;
+          if (this.receiving) return;
+          if (this.queue.length < req.length) {
+            if (this.direct && req.length >= DIRECT_PAYLOAD_MIN) this.receiveDirect(req);
+            return;
+          }
           this.pending = undefined;
-          this.dispatch(req, this.queue.take(req.length));
+          this.dispatch(req, this.takePayload(req.length));
           continue;
         }
         if (this.stopping) {
@@ -185,6 +206,28 @@ export class Session {
       this.cfg.log.warn({ err: (err as Error).message, remote: this.socket.remoteAddress }, 'closing NBD connection on protocol violation');
       this.socket.destroy();
     }
+  }
+
+  /** A payload the request may keep: in direct mode queued bytes live in a reused buffer. */
+  private takePayload(n: number): Buffer {
+    if (!this.direct) return this.queue.take(n);
+    const payload = ioBuffer(n);
+    this.queue.takeInto(payload, 0, n);
+    return payload;
+  }
+
+  /** Receive the rest of a large WRITE payload with no copy through the queue. */
+  private receiveDirect(req: Request): void {
+    const payload = ioBuffer(req.length);
+    const have = this.queue.length;
+    this.queue.takeInto(payload, 0, have);
+    this.receiving = true;
+    this.direct!.receiveInto(payload, have, () => {
+      this.receiving = false;
+      this.pending = undefined;
+      this.dispatch(req, payload);
+      this.pump();
+    });
   }
 
   private rejectWrite(req: Request): number {

@@ -1,0 +1,67 @@
+// DirectSocket over a real TCP connection: bytes land in scratch or straight in a target
+// buffer, including when the target is set after the next read was already aimed at scratch.
+import { afterEach, expect, it } from 'vitest';
+import crypto from 'node:crypto';
+import net from 'node:net';
+import { ByteQueue } from '../src/nbd/byte-queue.js';
+import { DirectSocket } from '../src/nbd/direct-socket.js';
+
+const cleanup: Array<() => void> = [];
+afterEach(() => cleanup.splice(0).forEach((f) => f()));
+
+async function pair(): Promise<{ server: net.Socket; client: net.Socket }> {
+  const listener = net.createServer();
+  await new Promise<void>((r) => listener.listen(0, '127.0.0.1', r));
+  const accepted = new Promise<net.Socket>((r) => listener.once('connection', r));
+  const client = net.connect((listener.address() as net.AddressInfo).port, '127.0.0.1');
+  const server = await accepted;
+  cleanup.push(() => {
+    client.destroy();
+    listener.close();
+  });
+  return { server, client };
+}
+
+const until = async (cond: () => boolean) => {
+  for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  expect(cond()).toBe(true);
+};
+
+it('delivers scratch bytes, then fills a target set outside a read callback, then scratch again', async () => {
+  const { server, client } = await pair();
+  const seen: Buffer[] = [];
+  const queue = new ByteQueue();
+  const direct = DirectSocket.adopt(server, queue, { onBytes: (v) => seen.push(Buffer.from(v)) })!;
+  expect(direct).toBeDefined();
+  cleanup.push(() => direct.socket.destroy());
+  client.write('hello');
+  await until(() => Buffer.concat(seen).toString() === 'hello');
+
+  // The next read is already aimed at scratch: the target must still get every byte.
+  const target = Buffer.alloc(300_000);
+  const data = crypto.randomBytes(target.length - 10);
+  let done = false;
+  direct.receiveInto(target, 10, () => (done = true));
+  target.fill(7, 0, 10);
+  client.write(Buffer.concat([data, Buffer.from('tail')]));
+  await until(() => done && Buffer.concat(seen).toString().endsWith('tail'));
+  expect(target.subarray(10).equals(data)).toBe(true);
+  expect(target.subarray(0, 10).equals(Buffer.alloc(10, 7))).toBe(true);
+  expect(Buffer.concat(seen).toString()).toBe('hellotail');
+});
+
+it('hands over bytes Node had buffered before the adoption', async () => {
+  const { server, client } = await pair();
+  server.pause();
+  client.write('early');
+  await new Promise((r) => setTimeout(r, 100));
+  server.read(0); // let Node pull the bytes into its own buffer
+  await new Promise((r) => setTimeout(r, 100));
+  const queue = new ByteQueue();
+  const seen: Buffer[] = [];
+  const direct = DirectSocket.adopt(server, queue, { onBytes: (v) => seen.push(Buffer.from(v)) })!;
+  cleanup.push(() => direct.socket.destroy());
+  client.write('late');
+  await until(() => Buffer.concat(seen).toString() === 'late');
+  expect(queue.take(queue.length).toString()).toBe('early');
+});
