@@ -73,11 +73,12 @@ export class GroupCommit {
 }
 
 /**
- * Small reads already in the page cache are copied right here (preadv2 RWF_NOWAIT): a
- * thread-pool round trip costs more than the copy. Large ones always go to the pool,
- * so first-touch page faults of big buffers never stall the event loop.
+ * Reads already in the page cache are copied right here (preadv2 RWF_NOWAIT): two context
+ * switches through the thread pool cost more than copying up to 1 MiB into a recycled
+ * buffer (see io-buffers.ts). Larger reads go to the pool so the event loop never holds
+ * for long; uncached ones always do.
  */
-const SYNC_READ_MAX = 64 * 1024;
+const SYNC_READ_MAX = 1024 * 1024;
 
 function cachedRead(fd: number, buf: Buffer, at: number): boolean {
   return buf.length <= SYNC_READ_MAX && native.preadNowait(fd, buf, at) === buf.length;
