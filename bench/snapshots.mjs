@@ -65,6 +65,7 @@ const HELP = `usage: node bench/snapshots.mjs [options]
   --block-size SZ   volume block size (default: snapblock's default)
   --creates N       snapshot creates timed per volume (default 5)
   --repeat N        fio runs per point of (b), median reported (default 1)
+  --create-only     only (a), the snapshot create times (no chart)
   --paired N        (b2): N alternating pairs of runs, no snapshot vs the most snapshots (default 3, 0 = skip)
   --points LIST     snapshot counts measured in (b) (default 0,1,2,4,8,16)
   --out DIR         results directory (default bench/results)
@@ -101,6 +102,7 @@ function parseArgs(argv) {
       case '--creates': o.creates = Number(val()); break;
       case '--repeat': o.repeat = Number(val()); break;
       case '--paired': o.paired = Number(val()); break;
+      case '--create-only': o.createOnly = true; o.chart = false; break;
       case '--points': o.points = list(val()).map(Number); break;
       case '--out': o.out = path.resolve(val()); break;
       case '--dir': o.dir = path.resolve(val()); break;
@@ -356,6 +358,7 @@ async function runMode(mode, o, scratch) {
       for (const s of [...times.keys()].map((i) => `t${i}`).concat(viaCli ? ['cli'] : [])) await api(pool, 'snapshot.delete', { volume: vol, name: s });
     }
     await api(pool, 'volume.delete', { name: 'big' });
+    if (o.createOnly) return res;
 
     // The measured range of the small volume: its first --fill bytes, written sequentially.
     const range = { offset: 0, size: String(o.fill) };
@@ -473,7 +476,8 @@ function table(results, o) {
     const sv = (v) => `${num(r.create[v].server?.medianMs, 2)} ms (${Object.entries(r.create[v].server?.medianSteps ?? {}).map(([k, x]) => `${k} ${num(x, 2)}`).join(', ')}), control round trip alone ${num(r.create[v].controlRoundTripMs, 2)} ms`;
     out.push(`    ${pad(r.mode, 8)}${o.size / GiB} GiB: ${sv('small')}; ${o.big / GiB} GiB: ${sv('big')}`);
   }
-  out.push(`    right after writes (phase b, before each of the ${results[0].createUnderLoad?.length ?? 0} snapshots): ${results.map((r) => `${r.mode} median ${num(median(r.createUnderLoad ?? [NaN]), 1)} / max ${num(Math.max(...(r.createUnderLoad ?? [NaN])), 1)} ms`).join(', ')}`);
+  if (results[0].createUnderLoad) out.push(`    right after writes (phase b, before each of the ${results[0].createUnderLoad?.length ?? 0} snapshots): ${results.map((r) => `${r.mode} median ${num(median(r.createUnderLoad ?? [NaN]), 1)} / max ${num(Math.max(...(r.createUnderLoad ?? [NaN])), 1)} ms`).join(', ')}`);
+  if (o.createOnly) return out.join('\n');
   out.push('');
   out.push(`(b) 4k random write IOPS, QD32, ${o.runtime}s, over the ${o.fill / MiB} MiB written range, by number of hot snapshots (ratio to 0)`);
   out.push(`    ${pad('mode', 8)}${o.points.map((p) => pad(p, 15)).join('')}0 again (all deleted)`);
@@ -520,7 +524,7 @@ function claims(results) {
         `${r.createUnderLoad?.length ? `; on a volume just written to (phase b) a create takes median ${median(r.createUnderLoad).toFixed(0)} ms, max ${Math.max(...r.createUnderLoad).toFixed(0)} ms: it makes the dirty data durable first` : ''}.`,
     );
   }
-  const row = results.find((r) => r.mode === 'row');
+  const row = results.find((r) => r.mode === 'row' && r.randwrite.length);
   if (row) {
     const base = row.randwrite.find((x) => x.snapshots === 0);
     const top = row.randwrite[row.randwrite.length - 1];
