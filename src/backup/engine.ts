@@ -16,18 +16,17 @@
 // - Resume: every few seconds the chunks done so far are written to
 //   backups/<id>.partial.json; a new `backup create` of the same source finds it,
 //   skips the pieces it lists and continues. Nothing stored is uploaded twice.
-import type { Logger } from 'pino';
 import { ChunkError, chooseCodec, chunkKey, decode, encode, isZero, sha256 } from './chunk.js';
 import { manifestKey, mergeRanges, partialKey, resolveImage, sealManifest, MANIFEST_FORMAT, MANIFEST_VERSION, type ChunkEntry, type Manifest, type Range, type Segment } from './manifest.js';
 import { createProgress, type ProgressMode } from './progress.js';
 import { intersect, planPieces, subtract, total } from './ranges.js';
-import { BackupError, ChunkIndex, forEachLimit, Repository, semaphore } from './repo.js';
-import { connectNbd, formatNbdUri, parseNbdUri, readRange, writeRange, zeroRange, ZERO, type NbdAddress, type PoolServer } from './source.js';
+import { BackupError, ChunkIndex, forEachLimit, idPrefixOf, Repository, semaphore } from './repo.js';
+import { connectNbd, formatNbdUri, parseNbdUri, readRange, writeRange, zeroRange, ZERO, type NbdAddress, type PoolServer, type TlsFiles } from './source.js';
 import type { ObjectStore } from './store.js';
 import type { NbdClient } from '../nbd/client.js';
 
-export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
-export const DEFAULT_CONCURRENCY = 8;
+import { DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY } from './defaults.js';
+export { DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY };
 /** pieces read and hashed ahead while `concurrency` uploads are in flight */
 export const READ_AHEAD = 2;
 /** listing budget: keys listed per piece to back up (a page of 1000 keys costs about as much as a few HEADs) */
@@ -36,9 +35,16 @@ const CHANGED_PREFIX = 'snapblock:changed:';
 /** how often an in-progress backup records what it has stored (for resume) */
 const JOURNAL_MS = Number(process.env.SNAPBLOCK_BACKUP_JOURNAL_MS ?? 5000);
 
+/** what the engine logs through (a pino Logger, or the CLI's light one) */
+export interface BackupLog {
+  info(obj: Record<string, unknown>, msg: string): void;
+  warn(msg: string): void;
+  debug(obj: Record<string, unknown>, msg: string): void;
+}
+
 export interface EngineContext {
   store: ObjectStore;
-  log: Logger;
+  log: BackupLog;
   progress?: ProgressMode;
   /** chunks in flight */
   concurrency?: number;
@@ -50,6 +56,8 @@ export interface CreateOptions {
   volume?: string;
   /** or any NBD export (full backups only) */
   nbdUri?: string;
+  /** TLS for nbdUri (an nbds:// URI turns it on by itself) */
+  tls?: TlsFiles;
   incremental?: boolean;
   /** back up this existing snapshot instead of taking one */
   snapshot?: string;
@@ -87,8 +95,7 @@ export interface CreateResult {
 
 function newId(name: string): string {
   const ts = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
-  const safe = name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'backup';
-  return `${safe}.${ts}.${Math.random().toString(36).slice(2, 6)}`;
+  return `${idPrefixOf(name)}${ts}.${Math.random().toString(36).slice(2, 6)}`;
 }
 
 const sameSource = (a: Manifest['source'], b: Manifest['source']) =>
@@ -103,10 +110,23 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
   const warn = (msg: string) => (warnings.push(msg), log.warn(msg));
   const retries0 = store.stats.retries;
   const heads0 = store.stats.heads;
-  await store.ensure();
+  const onDamaged = (key: string, err: Error) => warn(`ignoring damaged manifest ${key}: ${err.message}`);
+  const server = opts.server;
+  const nbdAddress = opts.nbdUri ? parseNbdUri(opts.nbdUri, opts.tls) : undefined;
+  if (!nbdAddress && (!server || !opts.volume)) throw new BackupError('EINVAL', 'name a volume (with a running server) or --nbd URI');
 
   // ---- the source, the snapshot, the parent -------------------------------------
-  const all = await repo.all({ onDamaged: (key, err) => warn(`ignoring damaged manifest ${key}: ${err.message}`) });
+  // Only this source's manifests are listed (ids start with its name), and only those
+  // needed are read, newest first: usually just the parent. The bucket, the listing and
+  // the volume's state are fetched at the same time.
+  const prefix = idPrefixOf(nbdAddress ? nbdAddress.exportName : opts.volume!);
+  const [keys, info, snaps] = await Promise.all([
+    store.ensure().then(() => repo.keys(prefix)),
+    server && !nbdAddress ? server.volumeInfo(opts.volume!) : undefined,
+    server && !nbdAddress ? server.snapshots(opts.volume!) : undefined,
+  ]);
+  const partials = keys.filter((k) => k.partial);
+  const completes = keys.filter((k) => !k.partial);
   let source: Manifest['source'];
   let address: NbdAddress;
   let resumeFrom: Manifest | undefined;
@@ -114,37 +134,37 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
   let chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
   let id: string;
   let created = new Date().toISOString();
-  const server = opts.server;
 
-  if (opts.nbdUri) {
-    const a = parseNbdUri(opts.nbdUri);
+  if (nbdAddress) {
+    const a = nbdAddress;
     address = a;
-    source = { type: 'nbd', uri: formatNbdUri(a), export: a.exportName };
+    const src: Manifest['source'] = { type: 'nbd', uri: formatNbdUri(a), export: a.exportName };
+    source = src;
     if (opts.incremental) warn('an NBD URI source has no changed-block tracking: taking a full backup (holes skipped via base:allocation)');
-    resumeFrom = opts.resume === false ? undefined : all.filter((l) => l.partial && sameSource(l.manifest.source, source)).pop()?.manifest;
+    if (opts.resume !== false) for await (const m of repo.newestFirst(partials, onDamaged)) if (sameSource(m.source, src)) (resumeFrom ??= m);
     id = resumeFrom?.id ?? newId(a.exportName);
     if (resumeFrom) {
       chunkSize = resumeFrom.chunkSize;
       created = resumeFrom.created;
     }
   } else {
-    if (!server || !opts.volume) throw new BackupError('EINVAL', 'name a volume (with a running server) or --nbd URI');
-    const volume = opts.volume;
-    const info = await server.volumeInfo(volume);
-    const snaps = await server.snapshots(volume);
-    const snapValid = (name: string) => snaps.some((s) => s.name === name && s.status === 'valid');
-    const mine = (m: Manifest) => m.source.type === 'pool' && m.source.volume === volume && m.source.volumeCreated === info.created;
+    const volume = opts.volume!;
+    const snapValid = (name: string) => snaps!.some((s) => s.name === name && s.status === 'valid');
+    const mine = (m: Manifest) => m.source.type === 'pool' && m.source.volume === volume && m.source.volumeCreated === info!.created;
     if (opts.resume !== false) {
-      resumeFrom = all
-        .filter((l) => l.partial && mine(l.manifest) && l.manifest.source.type === 'pool' && snapValid(l.manifest.source.snapshot) && (!opts.snapshot || l.manifest.snapshot === opts.snapshot))
-        .pop()?.manifest;
+      for await (const m of repo.newestFirst(partials, onDamaged)) {
+        if (mine(m) && m.source.type === 'pool' && snapValid(m.source.snapshot) && (!opts.snapshot || m.snapshot === opts.snapshot)) {
+          resumeFrom = m;
+          break;
+        }
+      }
     }
     if (resumeFrom) {
       id = resumeFrom.id;
       source = resumeFrom.source;
       chunkSize = resumeFrom.chunkSize;
       created = resumeFrom.created;
-      if (resumeFrom.parent) parent = all.find((l) => !l.partial && l.manifest.id === resumeFrom!.parent)?.manifest;
+      if (resumeFrom.parent) parent = await repo.get(resumeFrom.parent).catch(() => undefined);
       if (resumeFrom.parent && !parent) throw new BackupError('ECORRUPT', `interrupted backup ${id} depends on ${resumeFrom.parent}, which is gone; delete ${id}`);
       log.info({ id, snapshot: resumeFrom.snapshot }, 'resuming interrupted backup');
     } else {
@@ -155,35 +175,44 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
         if (!snapValid(snapshot)) throw new BackupError('ENOENT', `volume ${volume} has no valid snapshot "${snapshot}"`);
       } else {
         snapshot = `backup-${id.split('.').slice(-2).join('.')}`;
-        await server.createSnapshot(volume, snapshot);
-        snaps.push({ name: snapshot, created: new Date().toISOString(), size: info.size, status: 'valid' });
+        await server!.createSnapshot(volume, snapshot);
+        snaps!.push({ name: snapshot, created: new Date().toISOString(), size: info!.size, status: 'valid' });
         owns = true;
       }
-      source = { type: 'pool', volume, volumeCreated: info.created, snapshot, ownsSnapshot: owns };
+      source = { type: 'pool', volume, volumeCreated: info!.created, snapshot, ownsSnapshot: owns };
       if (opts.incremental) {
         // the newest complete backup of this volume whose snapshot still exists and is older
-        const order = snaps.map((s) => s.name);
-        const candidates = all.filter((l) => !l.partial && mine(l.manifest) && l.manifest.source.type === 'pool');
-        const base = candidates
-          .filter((l) => {
-            const s = (l.manifest.source as { snapshot: string }).snapshot;
-            return snapValid(s) && order.indexOf(s) >= 0 && order.indexOf(s) < order.indexOf(snapshot!);
-          })
-          .pop();
-        if (base) parent = base.manifest;
-        else warn(candidates.length ? `no earlier backup of ${volume} has its snapshot left on the volume: taking a full backup` : `no earlier backup of ${volume}: taking a full backup`);
+        const order = snaps!.map((s) => s.name);
+        let candidates = 0;
+        for await (const m of repo.newestFirst(completes, onDamaged)) {
+          if (!mine(m) || m.source.type !== 'pool') continue;
+          candidates++;
+          const s = m.source.snapshot;
+          if (snapValid(s) && order.indexOf(s) >= 0 && order.indexOf(s) < order.indexOf(snapshot)) {
+            parent = m;
+            break;
+          }
+        }
+        if (!parent) warn(candidates ? `no earlier backup of ${volume} has its snapshot left on the volume: taking a full backup` : `no earlier backup of ${volume}: taking a full backup`);
       }
     }
-    address = server.address(`${volume}@${source.type === 'pool' ? source.snapshot : ''}`);
+    address = server!.address(`${volume}@${source.type === 'pool' ? source.snapshot : ''}`);
   }
 
   // ---- read plan ----------------------------------------------------------
-  const lease = await repo.backupLease(id, parent?.id ?? null);
+  const parentSnap = parent && parent.source.type === 'pool' ? parent.source.snapshot : undefined;
+  const changedCtx = parentSnap ? CHANGED_PREFIX + parentSnap : undefined;
+  // the lease and the NBD connection at the same time (neither needs the other)
+  const [leaseR, nbdR] = await Promise.allSettled([repo.backupLease(id, parent?.id ?? null), connectNbd(address, ['base:allocation', ...(changedCtx ? [changedCtx] : [])])]);
+  if (leaseR.status === 'rejected') {
+    if (nbdR.status === 'fulfilled') await nbdR.value.close().catch(() => {});
+    throw leaseR.reason;
+  }
+  const lease = leaseR.value;
   let nbd: NbdClient | undefined;
   try {
-    const parentSnap = parent && parent.source.type === 'pool' ? parent.source.snapshot : undefined;
-    const changedCtx = parentSnap ? CHANGED_PREFIX + parentSnap : undefined;
-    nbd = await connectNbd(address, ['base:allocation', ...(changedCtx ? [changedCtx] : [])]);
+    if (nbdR.status === 'rejected') throw nbdR.reason;
+    nbd = nbdR.value;
     if (parent && !resumeFrom && parent.chunkSize !== chunkSize) {
       if (opts.chunkSize !== undefined) warn(`an incremental keeps its parent's chunk size (${parent.chunkSize} bytes)`);
       chunkSize = parent.chunkSize;
@@ -212,8 +241,6 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     const pieces = planPieces(toRead, chunkSize, Math.floor(chunkSize / 16));
 
     // ---- what is stored already ---------------------------------------------
-    const known = new Map<string, number>(); // chunk key -> stored size
-    if (parent) for (const m of await repo.chain(parent.id)) for (const c of m.chunks) known.set(chunkKey(c[2], c[3]), c[4]);
     const done = new Map<string, ChunkEntry>(); // "offset:length" -> entry
     const zeroPieces: Range[] = [];
     if (resumeFrom) {
@@ -244,8 +271,10 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     // in-progress journal: one write at a time, the latest state wins
     let journaling: Promise<void> = Promise.resolve();
     let lastJournal = Date.now();
+    let journaled = false;
     const journal = () => {
       lastJournal = Date.now();
+      journaled = true;
       const snapshot = {
         ...manifest,
         chunks: [...entries].sort((a, b) => a[0] - b[0]),
@@ -255,13 +284,17 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
       journaling = journaling.then(() => store.put(partialKey(id), sealManifest(snapshot)));
       return journaling;
     };
-    if (!resumeFrom) await journal();
-
-    // Which chunks the store holds: one bounded listing of chunks/ instead of a HEAD per
-    // chunk (started now, awaited by the first piece that needs it). Only when there is
-    // something to read; in a huge bucket the listing stops at a budget and keys past
-    // its end are HEADed as before.
     const todo = pieces.filter(([o, l]) => !done.has(`${o}:${l}`));
+    // The journal exists for a resume; a backup with nothing to read has nothing to resume.
+    if (!resumeFrom && todo.length) await journal();
+
+    // Which chunks the store holds: the parent chain's (named in their manifests), and one
+    // bounded listing of chunks/ instead of a HEAD per chunk (both started now, awaited by
+    // the first piece that needs them; neither when there is nothing to read). In a huge
+    // bucket the listing stops at a budget and keys past its end are HEADed as before.
+    const knownP: Promise<Map<string, number>> = // chunk key -> stored size
+      parent && todo.length ? repo.chain(parent.id).then((chain) => new Map(chain.flatMap((m) => m.chunks.map((c) => [chunkKey(c[2], c[3]), c[4]] as [string, number])))) : Promise.resolve(new Map());
+    knownP.catch(() => {}); // awaited below; a failure surfaces there
     const index = todo.length ? ChunkIndex.load(store, todo.length * LIST_KEYS_PER_PIECE).catch(() => undefined) : Promise.resolve(undefined);
 
     // Memory: `concurrency` uploads in flight plus READ_AHEAD pieces being read and
@@ -290,6 +323,7 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
             const sha = sha256(buf);
             const codec = chooseCodec(buf);
             const key = chunkKey(sha, codec);
+            const known = await knownP;
             let stored = known.get(key);
             if (stored === undefined) stored = (await index)?.lookup(key);
             if (stored === undefined && !(await index)?.covers(key)) stored = await store.head(key);
@@ -327,27 +361,36 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     const idx = await index;
     manifest.stats = { ...stat, seconds, pieces: pieces.length, headRequests: store.stats.heads - heads0, listedChunkKeys: idx?.size ?? 0 };
     await store.put(manifestKey(id), sealManifest(manifest));
-    await store.delete(partialKey(id));
 
-    // Only the newest snapshot a backup took is needed (the base of the next incremental).
-    if (server && source.type === 'pool' && !opts.keepSnapshots) {
-      const current = source.snapshot;
-      const stale = new Set(
-        all
-          .filter((l) => !l.partial && l.manifest.source.type === 'pool' && sameSource(l.manifest.source, source) && l.manifest.source.ownsSnapshot && l.manifest.source.snapshot !== current)
-          .map((l) => (l.manifest.source as { snapshot: string }).snapshot),
+    // Then, at the same time: drop the journal (if there is one), and the snapshots older
+    // backups of the volume took (only the newest is needed: the base of the next
+    // incremental). Those are named backup-<time>.<random> after their backup's id, so
+    // the listing says which backups to read to confirm it: usually just the parent.
+    const cleanup: Array<Promise<unknown>> = [];
+    if (resumeFrom || journaled) cleanup.push(store.delete(partialKey(id)));
+    if (server && snaps && source.type === 'pool' && !opts.keepSnapshots) {
+      const src = source;
+      const byId = new Map(completes.map((k) => [k.id, k]));
+      cleanup.push(
+        (async () => {
+          const inUse = new Set<string>();
+          for await (const m of repo.newestFirst(partials.filter((k) => k.id !== id), onDamaged)) if (m.source.type === 'pool') inUse.add(m.source.snapshot);
+          await Promise.all(
+            snaps.map(async (s) => {
+              const k = s.name !== src.snapshot && s.name.startsWith('backup-') && !inUse.has(s.name) ? byId.get(prefix + s.name.slice('backup-'.length)) : undefined;
+              const m = k && (await repo.load(k, onDamaged));
+              if (!m || m.source.type !== 'pool' || !sameSource(m.source, src) || !m.source.ownsSnapshot || m.source.snapshot !== s.name) return;
+              try {
+                await server.deleteSnapshot(src.volume, s.name);
+              } catch (err) {
+                warn(`could not delete old backup snapshot ${src.volume}@${s.name}: ${(err as Error).message}`);
+              }
+            }),
+          );
+        })(),
       );
-      for (const l of all) if (l.partial && l.manifest.source.type === 'pool') stale.delete(l.manifest.source.snapshot);
-      const existing = new Set((await server.snapshots(source.volume)).map((s) => s.name));
-      for (const s of stale) {
-        if (!existing.has(s)) continue;
-        try {
-          await server.deleteSnapshot(source.volume, s);
-        } catch (err) {
-          warn(`could not delete old backup snapshot ${source.volume}@${s}: ${(err as Error).message}`);
-        }
-      }
     }
+    await Promise.all(cleanup);
     return {
       id,
       kind: manifest.kind,
@@ -382,6 +425,8 @@ export interface RestoreOptions {
   volume?: string;
   /** or write into an existing NBD export (at least as large); holes are zeroed */
   nbdUri?: string;
+  /** TLS for nbdUri (an nbds:// URI turns it on by itself) */
+  tls?: TlsFiles;
   /** keep a partly restored volume after a failure (default: delete it) */
   keepPartial?: boolean;
 }
@@ -423,18 +468,21 @@ export async function restoreBackup(ctx: EngineContext, id: string, opts: Restor
   const segs = resolveImage(chain);
   const groups = groupByChunk(segs);
 
-  // Every chunk must be there before anything is written.
+  // Every chunk must be there before anything is written: one listing of chunks/
+  // (bounded as for a backup; keys past its end are HEADed).
   const keys = new Map<string, Segment>();
   for (const s of segs) if (!keys.has(chunkKey(s.sha, s.codec))) keys.set(chunkKey(s.sha, s.codec), s);
   const missing: string[] = [];
+  const index = keys.size ? await ChunkIndex.load(store, keys.size * LIST_KEYS_PER_PIECE).catch(() => undefined) : undefined;
   await forEachLimit(keys, 16, async ([key, s]) => {
-    if ((await store.head(key)) === undefined) missing.push(describeSeg(s));
+    if (index?.lookup(key) !== undefined) return;
+    if (index?.covers(key) || (await store.head(key)) === undefined) missing.push(describeSeg(s));
   });
   if (missing.length) throw new BackupError('ECORRUPT', `backup ${id} cannot be restored: ${missing.length} chunk(s) missing from ${store.description}:\n  ${missing.join('\n  ')}`);
 
   let address: NbdAddress;
   let createdVolume: string | undefined;
-  if (opts.nbdUri) address = parseNbdUri(opts.nbdUri);
+  if (opts.nbdUri) address = parseNbdUri(opts.nbdUri, opts.tls);
   else {
     if (!opts.server || !opts.volume) throw new BackupError('EINVAL', 'name a new volume (with a running server) or --to nbd://...');
     await opts.server.createVolume(opts.volume, m.size);

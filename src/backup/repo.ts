@@ -101,8 +101,66 @@ export class ChunkIndex {
   }
 }
 
+/** a manifest key from a listing, before its manifest is read */
+export interface ListedKey {
+  id: string;
+  key: string;
+  partial: boolean;
+  /** the id's time stamp (YYYYMMDDTHHMMSSZ): ids sort by it */
+  stamp: string;
+}
+
+/** the backup id prefix of a source name (ids are `<safe name>.<time>.<random>`) */
+export function idPrefixOf(name: string): string {
+  return (name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'backup') + '.';
+}
+
 export class Repository {
+  /** parsed manifests by key: complete manifests never change, partials only within a run */
+  private readonly cache = new Map<string, Manifest>();
+
   constructor(readonly store: ObjectStore) {}
+
+  /** manifest keys (complete and in-progress) whose id starts with idPrefix, without reading them */
+  async keys(idPrefix = ''): Promise<ListedKey[]> {
+    const out: ListedKey[] = [];
+    for await (const o of this.store.list(`backups/${idPrefix}`)) {
+      const k = idOfKey(o.key);
+      if (k) out.push({ id: k.id, key: o.key, partial: k.partial, stamp: k.id.split('.').slice(-2, -1)[0] ?? '' });
+    }
+    return out;
+  }
+
+  /** the manifest behind a listed key; undefined if it is gone or (with onDamaged) damaged */
+  async load(k: ListedKey, onDamaged?: (key: string, err: Error) => void): Promise<Manifest | undefined> {
+    const hit = this.cache.get(k.key);
+    if (hit) return hit;
+    const buf = await this.store.get(k.key);
+    if (!buf) return undefined;
+    try {
+      const m = parseManifest(buf, k.key);
+      if (!k.partial) this.cache.set(k.key, m);
+      return m;
+    } catch (err) {
+      if (!onDamaged) throw err;
+      onDamaged(k.key, err as Error);
+      return undefined;
+    }
+  }
+
+  /**
+   * Manifests of the listed keys, newest first (by the id's time stamp, then by
+   * `created` within one second), read only as far as the caller iterates.
+   */
+  async *newestFirst(keys: ListedKey[], onDamaged?: (key: string, err: Error) => void): AsyncIterable<Manifest> {
+    const byStamp = new Map<string, ListedKey[]>();
+    for (const k of keys) byStamp.set(k.stamp, [...(byStamp.get(k.stamp) ?? []), k]);
+    for (const stamp of [...byStamp.keys()].sort().reverse()) {
+      const group = (await Promise.all(byStamp.get(stamp)!.map((k) => this.load(k, onDamaged)))).filter((m): m is Manifest => m !== undefined);
+      group.sort((a, b) => (a.created < b.created ? 1 : a.created > b.created ? -1 : a.id < b.id ? 1 : -1));
+      yield* group;
+    }
+  }
 
   /** every manifest (complete and in-progress), oldest first; damaged ones are reported, not hidden */
   async all(opts: { onDamaged?: (key: string, err: Error) => void } = {}): Promise<Listed[]> {
@@ -127,12 +185,16 @@ export class Repository {
 
   async get(id: string): Promise<Manifest> {
     const key = manifestKey(id);
+    const hit = this.cache.get(key);
+    if (hit) return hit;
     const buf = await this.store.get(key);
     if (!buf) {
       if (await this.store.head(partialKey(id))) throw new BackupError('EINVAL', `backup ${id} is incomplete (interrupted); run the same \`backup create\` again to resume it, or delete it`);
       throw new BackupError('ENOENT', `no backup ${id} in ${this.store.description}`);
     }
-    return parseManifest(buf, key);
+    const m = parseManifest(buf, key);
+    this.cache.set(key, m);
+    return m;
   }
 
   async getPartial(id: string): Promise<Manifest | undefined> {

@@ -11,16 +11,13 @@ import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
-import {
-  CreateBucketCommand,
-  DeleteObjectCommand,
-  GetObjectCommand,
-  HeadBucketCommand,
-  HeadObjectCommand,
-  ListObjectsV2Command,
-  PutObjectCommand,
-  S3Client,
-} from '@aws-sdk/client-s3';
+// The SDK is loaded when an S3 target is opened, not with this module: loading it
+// costs ~0.3 s of CPU on this box, which a directory target or `--help` never needs.
+// With require(), not import(): for a CommonJS package, import() first scans every
+// file's source for its export names (cjs-module-lexer), another ~0.1 s for the SDK.
+import { createRequire } from 'node:module';
+import type { S3Client } from '@aws-sdk/client-s3';
+type Sdk = typeof import('@aws-sdk/client-s3');
 
 export interface ObjectInfo {
   key: string;
@@ -134,16 +131,27 @@ const isNotFound = (err: unknown) => statusOf(err) === 404 || ['NotFound', 'NoSu
 export class S3Store implements ObjectStore {
   readonly stats = newStats();
   readonly description: string;
-  private readonly client: S3Client;
   private readonly retry: RetryPolicy;
+  /** the SDK and the client, loaded in the background from the constructor on */
+  private readonly ready: Promise<{ sdk: Sdk; client: S3Client }>;
+  private client?: S3Client;
 
   constructor(private readonly cfg: S3Config) {
     // The SDK is pinned (package.json) precisely so that Node 20 keeps working: no nagging.
     process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
     this.description = `s3://${cfg.bucket}/${cfg.prefix}${cfg.endpoint ? ` at ${redactUrl(cfg.endpoint)}` : ''}`;
     this.retry = cfg.retry ?? DEFAULT_RETRY;
+    this.ready = Promise.resolve().then(() => {
+      const sdk = createRequire(import.meta.url)('@aws-sdk/client-s3') as Sdk;
+      return { sdk, client: (this.client = this.makeClient(sdk)) };
+    });
+    this.ready.catch(() => {}); // reported by the first request
+  }
+
+  private makeClient(sdk: Sdk): S3Client {
+    const cfg = this.cfg;
     const agentOpts = { keepAlive: true, maxSockets: cfg.maxSockets ?? 16 };
-    this.client = new S3Client({
+    return new sdk.S3Client({
       endpoint: cfg.endpoint,
       region: cfg.region,
       forcePathStyle: cfg.forcePathStyle,
@@ -170,19 +178,20 @@ export class S3Store implements ObjectStore {
     return this.cfg.prefix + k;
   }
 
-  private call<T>(what: string, fn: () => Promise<T>): Promise<T> {
-    return withRetry(what, fn, this.retry, () => this.stats.retries++);
+  private async call<T>(what: string, fn: (client: S3Client, sdk: Sdk) => Promise<T>): Promise<T> {
+    const { sdk, client } = await this.ready;
+    return withRetry(what, () => fn(client, sdk), this.retry, () => this.stats.retries++);
   }
 
   async ensure(): Promise<void> {
     const Bucket = this.cfg.bucket;
     try {
-      await this.call('HeadBucket', () => this.client.send(new HeadBucketCommand({ Bucket })));
+      await this.call('HeadBucket', (client, sdk) => client.send(new sdk.HeadBucketCommand({ Bucket })));
     } catch (err) {
       if (!isNotFound(err)) throw err;
-      await this.call('CreateBucket', async () => {
+      await this.call('CreateBucket', async (client, sdk) => {
         try {
-          await this.client.send(new CreateBucketCommand({ Bucket }));
+          await client.send(new sdk.CreateBucketCommand({ Bucket }));
         } catch (e) {
           const n = (e as Error).name;
           if (n !== 'BucketAlreadyOwnedByYou' && n !== 'BucketAlreadyExists') throw e;
@@ -194,7 +203,7 @@ export class S3Store implements ObjectStore {
   async head(key: string): Promise<number | undefined> {
     this.stats.heads++;
     try {
-      const r = await this.call(`HEAD ${key}`, () => this.client.send(new HeadObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key) })));
+      const r = await this.call(`HEAD ${key}`, (client, sdk) => client.send(new sdk.HeadObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key) })));
       return r.ContentLength ?? 0;
     } catch (err) {
       if (isNotFound(err)) return undefined;
@@ -203,8 +212,8 @@ export class S3Store implements ObjectStore {
   }
 
   async put(key: string, body: Buffer, opts: { sha256?: string } = {}): Promise<void> {
-    await this.call(`PUT ${key}`, () => {
-      const cmd = new PutObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key), Body: body, ContentLength: body.length });
+    await this.call(`PUT ${key}`, (client, sdk) => {
+      const cmd = new sdk.PutObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key), Body: body, ContentLength: body.length });
       if (opts.sha256) {
         // The SigV4 signer takes a present x-amz-content-sha256 as the payload hash
         // instead of hashing the body again: we already know it (content addressing).
@@ -218,7 +227,7 @@ export class S3Store implements ObjectStore {
           { step: 'build', name: 'snapblockKnownPayloadHash' },
         );
       }
-      return this.client.send(cmd);
+      return client.send(cmd);
     });
     this.stats.puts++;
     this.stats.putBytes += body.length;
@@ -226,8 +235,8 @@ export class S3Store implements ObjectStore {
 
   async get(key: string): Promise<Buffer | undefined> {
     try {
-      const buf = await this.call(`GET ${key}`, async () => {
-        const r = await this.client.send(new GetObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key) }));
+      const buf = await this.call(`GET ${key}`, async (client, sdk) => {
+        const r = await client.send(new sdk.GetObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key) }));
         const bytes = Buffer.from(await r.Body!.transformToByteArray());
         // A cut connection can end a body early without an error from the stream.
         if (r.ContentLength !== undefined && bytes.length !== r.ContentLength) {
@@ -248,8 +257,8 @@ export class S3Store implements ObjectStore {
     let token: string | undefined;
     do {
       this.stats.lists++;
-      const r = await this.call(`LIST ${prefix}`, () =>
-        this.client.send(new ListObjectsV2Command({ Bucket: this.cfg.bucket, Prefix: this.key(prefix), ContinuationToken: token })),
+      const r = await this.call(`LIST ${prefix}`, (client, sdk) =>
+        client.send(new sdk.ListObjectsV2Command({ Bucket: this.cfg.bucket, Prefix: this.key(prefix), ContinuationToken: token })),
       );
       for (const o of r.Contents ?? []) yield { key: o.Key!.slice(this.cfg.prefix.length), size: o.Size ?? 0, modified: o.LastModified ?? new Date(0) };
       token = r.IsTruncated ? r.NextContinuationToken : undefined;
@@ -258,11 +267,11 @@ export class S3Store implements ObjectStore {
 
   async delete(key: string): Promise<void> {
     this.stats.deletes++;
-    await this.call(`DELETE ${key}`, () => this.client.send(new DeleteObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key) })));
+    await this.call(`DELETE ${key}`, (client, sdk) => client.send(new sdk.DeleteObjectCommand({ Bucket: this.cfg.bucket, Key: this.key(key) })));
   }
 
   close(): void {
-    this.client.destroy();
+    this.client?.destroy();
   }
 }
 

@@ -4,15 +4,42 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
-import { createLogger, type Logger } from '../log.js';
 import { formatSize, parseSize } from '../pool/size.js';
-import { createBackup, restoreBackup, verifyBackup, DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, type EngineContext } from '../backup/engine.js';
-import { Repository } from '../backup/repo.js';
-import { PoolServer } from '../backup/source.js';
-import { openTarget, type ObjectStore } from '../backup/store.js';
-import { exportDiff, importDiff } from '../backup/rbd-diff.js';
+import { DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY } from '../backup/defaults.js';
+import type { BackupLog, EngineContext } from '../backup/engine.js';
+import type { Repository } from '../backup/repo.js';
+import type { ObjectStore } from '../backup/store.js';
 import type { ProgressMode } from '../backup/progress.js';
+import type { TlsFiles } from '../backup/source.js';
+import { liteLogger } from '../backup/log-lite.js';
 import { table } from './format.js';
+
+// The engine, the S3 SDK and pino are loaded by the command that needs them, not when
+// the command line is built: every snapblock command imports this file, and a backup
+// from cron should pay only for what it uses (docs/BACKUP.md, "Start-up").
+const engine = () => import('../backup/engine.js');
+const poolServer = async (pool: string, tls?: TlsFiles) => (await import('../backup/source.js')).PoolServer.connect(pool, tls);
+
+/** NBD over TLS, to the pool's server or to an --nbd / --to URI */
+function tlsArgs<T>(y: Argv<T>) {
+  return y
+    .option('tls', { type: 'boolean', default: false, describe: 'NBD over TLS (STARTTLS, x509) to the server or the --nbd/--to URI (nbds:// URIs imply it)' })
+    .option('tls-ca', { type: 'string', describe: "CA certificate (PEM) the NBD server's certificate must chain to (default: the system's CAs)" })
+    .option('tls-cert', { type: 'string', describe: 'client certificate (PEM), for servers that verify clients' })
+    .option('tls-key', { type: 'string', describe: 'client private key (PEM)' })
+    .option('tls-hostname', { type: 'string', describe: 'name the server certificate must carry (default: the host; localhost over a Unix socket)' });
+}
+interface TlsArgs {
+  tls?: boolean;
+  'tls-ca'?: string;
+  'tls-cert'?: string;
+  'tls-key'?: string;
+  'tls-hostname'?: string;
+}
+function tlsFrom(a: TlsArgs): TlsFiles | undefined {
+  if (!a.tls && !a['tls-ca'] && !a['tls-cert'] && !a['tls-key'] && !a['tls-hostname']) return undefined;
+  return { ca: a['tls-ca'], cert: a['tls-cert'], key: a['tls-key'], hostname: a['tls-hostname'] };
+}
 
 interface Global {
   pool: string;
@@ -29,9 +56,9 @@ interface TargetArgs extends Global {
 
 const out = (s: string): void => void process.stdout.write(s + '\n');
 
-function logger(a: Global): Logger {
+async function logger(a: Global): Promise<BackupLog> {
   const level = a['log-level'] === 'info' && !process.env.SNAPBLOCK_LOG_LEVEL ? 'warn' : a['log-level'];
-  return createLogger({ level });
+  return liteLogger(level) ?? (await import('../log.js')).createLogger({ level });
 }
 
 function targetOptions<T>(y: Argv<T>) {
@@ -44,6 +71,7 @@ function targetOptions<T>(y: Argv<T>) {
 }
 
 async function withStore<T>(a: TargetArgs, fn: (ctx: EngineContext, repo: Repository) => Promise<T>): Promise<T> {
+  const [{ openTarget }, { Repository }] = await Promise.all([import('../backup/store.js'), import('../backup/repo.js')]);
   const store: ObjectStore = openTarget({
     target: a.target,
     endpoint: a['s3-endpoint'],
@@ -51,7 +79,7 @@ async function withStore<T>(a: TargetArgs, fn: (ctx: EngineContext, repo: Reposi
     defaultDir: path.join(path.resolve(a.pool), 'backups'),
     maxSockets: Math.max(8, a.concurrency * 2 + 2),
   });
-  const log = logger(a);
+  const log = await logger(a);
   log.debug({ target: store.description }, 'backup target');
   try {
     return await fn({ store, log, concurrency: Math.max(1, a.concurrency), progress: a.progress }, new Repository(store));
@@ -68,11 +96,11 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
       'create [volume]',
       'back up a volume (a snapshot of it) or an NBD export to the target',
       (a) =>
-        a
+        tlsArgs(a)
           .positional('volume', { type: 'string', describe: 'volume of the running server on --pool' })
           .option('incremental', { type: 'boolean', default: false, describe: 'store only what changed since the newest backup of the volume' })
           .option('snapshot', { type: 'string', describe: 'back up this existing snapshot (default: take one named backup-<time>)' })
-          .option('nbd', { type: 'string', describe: 'back up any NBD export instead: nbd://HOST[:PORT]/EXPORT (full, holes skipped)' })
+          .option('nbd', { type: 'string', describe: 'back up any NBD export instead: nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH (full, holes skipped)' })
           .option('chunk-size', { type: 'string', describe: 'chunk size, a power of two from 64K to 64M (default 4M; an incremental keeps its parent\'s)' })
           .option('resume', { type: 'boolean', default: true, describe: 'resume an interrupted backup of the same volume (--no-resume: start over)' })
           .option('keep-snapshots', { type: 'boolean', default: false, describe: 'keep the snapshots older backups took (default: only the newest, the base of the next incremental)' })
@@ -84,11 +112,13 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
           }),
       async (a) => {
         const r = await withStore(a as unknown as TargetArgs, async (ctx) => {
-          const server = a.volume ? await PoolServer.connect(a.pool) : undefined;
+          const tls = tlsFrom(a);
+          const [server, { createBackup }] = await Promise.all([a.volume ? poolServer(a.pool, tls) : undefined, engine()]);
           return createBackup(ctx, {
             server,
             volume: a.volume,
             nbdUri: a.nbd,
+            tls,
             incremental: a.incremental,
             snapshot: a.snapshot,
             chunkSize: a['chunk-size'] !== undefined ? parseSize(a['chunk-size']) : undefined,
@@ -181,7 +211,7 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
       'restore <id> [volume]',
       'restore a backup into a NEW volume of the running server (or --to an NBD export)',
       (a) =>
-        a
+        tlsArgs(a)
           .positional('id', { type: 'string', demandOption: true })
           .positional('volume', { type: 'string', describe: 'name of the new volume' })
           .option('to', { type: 'string', describe: 'write into this NBD export instead (nbd://HOST[:PORT]/EXPORT); holes are zeroed' })
@@ -189,7 +219,7 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
           .check((x) => (!x.volume === !x.to ? 'name a new VOLUME or --to URI (one of them)' : true)),
       async (a) => {
         const r = await withStore(a as unknown as TargetArgs, async (ctx) =>
-          restoreBackup(ctx, a.id, { server: a.volume ? await PoolServer.connect(a.pool) : undefined, volume: a.volume, nbdUri: a.to, keepPartial: a['keep-partial'] }),
+          (await engine()).restoreBackup(ctx, a.id, { server: a.volume ? await poolServer(a.pool, tlsFrom(a)) : undefined, volume: a.volume, nbdUri: a.to, tls: tlsFrom(a), keepPartial: a['keep-partial'] }),
         );
         out(a.json ? JSON.stringify(r, null, 2) : `restored ${r.id} (${formatSize(r.size)}, chain ${r.chain.length}) into ${r.target}: wrote ${mib(r.writtenBytes)} from ${r.chunks} chunks in ${r.seconds.toFixed(1)} s`);
       },
@@ -199,7 +229,7 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
       're-read every chunk the backup needs and check its sha256',
       (a) => a.positional('id', { type: 'string', demandOption: true }),
       async (a) => {
-        const r = await withStore(a as unknown as TargetArgs, (ctx) => verifyBackup(ctx, a.id));
+        const r = await withStore(a as unknown as TargetArgs, async (ctx) => (await engine()).verifyBackup(ctx, a.id));
         if (a.json) out(JSON.stringify(r, null, 2));
         else {
           for (const p of r.problems) out(`${p.problem}: backup ${p.backup} offset ${p.offset} length ${p.length} chunk ${p.key}: ${p.detail}`);
@@ -237,20 +267,20 @@ export const backupCommandModules: CommandModule<Global, Global>[] = [
     command: 'export-diff <snapshot> <file>',
     describe: 'write VOLUME@SNAP (or its changes since --from-snap) as an `rbd export-diff` v1 stream (FILE or - for stdout)',
     builder: (y) =>
-      (y as Argv<Global>)
+      tlsArgs(y as Argv<Global>)
         .positional('snapshot', { type: 'string', demandOption: true, describe: 'VOLUME@TO' })
         .positional('file', { type: 'string', demandOption: true })
         .option('from-snap', { type: 'string', describe: 'older snapshot of the same volume' }) as unknown as Argv<Global>,
     handler: async (a) => {
-      const args = a as unknown as Global & { snapshot: string; file: string; 'from-snap'?: string };
+      const args = a as unknown as Global & TlsArgs & { snapshot: string; file: string; 'from-snap'?: string };
       const { volume, snapshot } = parseVolSnap(args.snapshot);
-      const server = await PoolServer.connect(args.pool);
+      const server = await poolServer(args.pool, tlsFrom(args));
       // yargs hands a lone "-" positional over as ''
       const toStdout = args.file === '-' || args.file === '';
       const tmp = toStdout ? '' : `${args.file}.tmp-${process.pid}`;
       const stream = toStdout ? process.stdout : fs.createWriteStream(tmp);
       try {
-        const r = await exportDiff(server, volume, snapshot, args['from-snap'], stream);
+        const r = await (await import('../backup/rbd-diff.js')).exportDiff(server, volume, snapshot, args['from-snap'], stream);
         if (!toStdout) {
           await new Promise<void>((resolve, reject) => (stream as fs.WriteStream).end((err?: Error | null) => (err ? reject(err) : resolve())));
           fs.renameSync(tmp, args.file);
@@ -270,12 +300,12 @@ export const backupCommandModules: CommandModule<Global, Global>[] = [
   {
     command: 'import-diff <file> <volume>',
     describe: 'apply an `rbd export-diff` v1 stream (FILE or - for stdin) to VOLUME and create its to-snapshot',
-    builder: (y) => (y as Argv<Global>).positional('file', { type: 'string', demandOption: true }).positional('volume', { type: 'string', demandOption: true }) as unknown as Argv<Global>,
+    builder: (y) => tlsArgs(y as Argv<Global>).positional('file', { type: 'string', demandOption: true }).positional('volume', { type: 'string', demandOption: true }) as unknown as Argv<Global>,
     handler: async (a) => {
-      const args = a as unknown as Global & { file: string; volume: string };
-      const server = await PoolServer.connect(args.pool);
+      const args = a as unknown as Global & TlsArgs & { file: string; volume: string };
+      const server = await poolServer(args.pool, tlsFrom(args));
       const input = args.file === '-' || args.file === '' ? process.stdin : fs.createReadStream(args.file, { highWaterMark: 1 << 20 });
-      const r = await importDiff(server, args.volume, input);
+      const r = await (await import('../backup/rbd-diff.js')).importDiff(server, args.volume, input);
       out(args.json ? JSON.stringify(r, null, 2) : `imported into ${args.volume}${r.from ? ` (from ${r.from})` : ''}: ${r.dataRecords} data records (${mib(r.dataBytes)}), ${r.zeroRecords} zero records${r.snapshotCreated ? `; created snapshot ${args.volume}@${r.snapshotCreated}` : ''}`);
     },
   },

@@ -1,0 +1,38 @@
+// Entry of the backup sidecar's commands (backup ..., export-diff, import-diff) when
+// bin/snapblock.js sees one of them: the same global options, commands and exit codes
+// as src/cli/main.ts, without importing the server (daemon, pool, storage, replication,
+// control operations), which costs about half a second of start-up on a busy 2-core box.
+// `snapblock --help` and every other command still go through main.ts.
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { backupCommandModules } from './backup.js';
+
+async function sidecar(args: string[]): Promise<void> {
+  await yargs(args)
+    .scriptName('snapblock')
+    .usage('$0 [--pool DIR] <command>')
+    .option('pool', { type: 'string', default: process.env.SNAPBLOCK_POOL ?? './data', describe: 'pool directory (env SNAPBLOCK_POOL)', global: true })
+    .option('json', { type: 'boolean', default: false, describe: 'machine-readable output', global: true })
+    .option('log-level', { type: 'string', default: process.env.SNAPBLOCK_LOG_LEVEL ?? 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'], global: true })
+    .command(backupCommandModules as never)
+    .demandCommand(1, 'name a command: backup, export-diff or import-diff')
+    .strict()
+    .help()
+    .alias('h', 'help')
+    .version()
+    .fail((msg, err) => {
+      // A thrown Error is a failed operation (exit 1); anything else is a malformed command (exit 2).
+      if (err instanceof Error && err.name !== 'YError') {
+        process.stderr.write(`snapblock: ${err.message}\n`);
+        process.exit(1);
+      }
+      process.stderr.write(`snapblock: ${msg ?? String(err)}\nRun with --help for usage.\n`);
+      process.exit(2);
+    })
+    .parseAsync();
+}
+
+sidecar(hideBin(process.argv)).catch((err: Error) => {
+  process.stderr.write(`snapblock: ${err.message}\n`);
+  process.exit(1);
+});
