@@ -31,6 +31,9 @@ const rate = opt('rate', '100m');
 const jobs = opt('jobs', 'seqwrite,randwrite').split(',');
 const out = opt('out', path.join(ROOT, 'bench', 'results'));
 const keep = args.includes('--keep');
+// Between runs: wait until the system's dirty pages are written back, so that a run does
+// not pay for the writeback of the one before (both copies share this machine's disk).
+const settle = !args.includes('--no-settle');
 const PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH}`;
 
 const JOBS = {
@@ -103,7 +106,12 @@ function fio(port, vol, job, extra = []) {
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
+function settleDisk() {
+  if (settle) spawnSync('sync', [], { env: { ...process.env, PATH } });
+}
+
 async function main() {
+  const loadavgStart = os.loadavg();
   const b = await serve(path.join(scratch, 'B'));
   const aPool = path.join(scratch, 'A');
   cli(aPool, ['backend', 'add', 'b', `nbd://127.0.0.1:${b.port}`]);
@@ -122,7 +130,9 @@ async function main() {
     const per = { unreplicated: [], sync: [], async: [] };
     for (let r = 0; r < rounds; r++) {
       for (const [k, v] of Object.entries(vols)) {
-        per[k].push(await fio(a.port, v, job));
+        settleDisk();
+        const load = os.loadavg()[0];
+        per[k].push({ ...(await fio(a.port, v, job)), load1: load });
         await waitInSync(aPool, v);
       }
     }
@@ -136,6 +146,7 @@ async function main() {
   // Async lag under a steady rate-limited sequential load.
   const samples = [];
   let done = false;
+  settleDisk();
   const load = fio(a.port, 'vasync', 'seqwrite', [`--rate=${rate}`]).finally(() => (done = true));
   while (!done) {
     const v = await control(aPool, 'volume.info', { name: 'vasync' });
@@ -155,7 +166,7 @@ async function main() {
     samples: steady.length,
   };
 
-  const report = { date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, runtime, rounds, size, results, asyncLag: lag };
+  const report = { date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, loadavgStart, loadavgEnd: os.loadavg(), runtime, rounds, size, settle, results, asyncLag: lag };
   fs.mkdirSync(out, { recursive: true });
   const file = path.join(out, `replication-${new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15)}.json`);
   fs.writeFileSync(file, JSON.stringify(report, null, 2) + '\n');
@@ -169,6 +180,7 @@ async function main() {
   console.log(rows.map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n'));
   console.log(`\nasync lag at ${rate}B/s target (achieved ${lag.achievedMBps.toFixed(1)} MB/s): max ${lag.maxSeconds.toFixed(3)} s, p99 ${lag.p99Seconds?.toFixed(3)} s, mean ${lag.meanSeconds.toFixed(3)} s, max ${lag.maxMB.toFixed(1)} MB queued`);
   console.log(`targets: sync >= 0.70x: ${jobs.map((j) => `${j} ${results[j].syncRatio.toFixed(2)}x`).join(', ')}; async >= 0.95x: ${jobs.map((j) => `${j} ${results[j].asyncRatio.toFixed(2)}x`).join(', ')}; lag <= 1 s: ${lag.maxSeconds <= 1 ? 'met' : 'MISSED'}`);
+  console.log(`load average (1, 5, 15 min): start ${loadavgStart.map((x) => x.toFixed(2)).join(' ')}, end ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} on ${os.cpus().length} CPUs`);
   console.log(`written ${path.relative(ROOT, file)}`);
 }
 

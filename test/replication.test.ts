@@ -311,6 +311,41 @@ describe('sync replication on link loss', () => {
 });
 
 
+describe('writes that bypass the export: snapshot rollback and volume resize replicate', () => {
+  for (const repl of ['sync', 'async'] as const) {
+    it(`${repl}: a rollback resyncs only the changed regions; a resize is carried to the secondary`, async () => {
+      const { a, b, aPool } = await pair({ repl });
+      ok(aPool, ['volume', 'create', 'rb', '64M', '--type', 'repl']);
+      await until('link up', async () => (await status(a, 'rb')).link === 'replicating');
+      qio(a.uri('rb'), 'write -P 0x61 0 8M', 'write -P 0x62 30M 2M');
+      ok(aPool, ['snapshot', 'create', 'rb', 'before']);
+      qio(a.uri('rb'), 'write -P 0x71 1M 1M', 'write -P 0x72 40M 3M', 'discard 30M 1M');
+      await until('in sync', inSync(a, 'rb'));
+      const before = Number((await status(a, 'rb')).resyncedBytes);
+      ok(aPool, ['snapshot', 'rollback', 'rb', 'before']);
+      await until('rollback resynced', inSync(a, 'rb'));
+      qio(a.uri('rb'), 'read -P 0x61 0 8M', 'read -P 0x62 30M 2M', 'read -P 0 40M 3M');
+      expect(sha(b.uri('rb'))).toBe(sha(a.uri('rb')));
+      const resynced = Number((await status(a, 'rb')).resyncedBytes) - before;
+      console.log(`${repl} rollback: resynced ${(resynced / MiB).toFixed(2)} MiB of 64 MiB`);
+      expect(resynced).toBeGreaterThan(0);
+      expect(resynced).toBeLessThanOrEqual(3 * MiB); // 1M..2M and 30M..31M had data; 40M..43M became zeroes
+
+      ok(aPool, ['volume', 'resize', 'rb', '96M']);
+      await until('replicating at the new size', async () => {
+        const st = await status(a, 'rb');
+        return st.link === 'replicating' && st.lagBytes === 0;
+      });
+      expect(Number(nbdsh(b.uri('rb'), 'print(h.get_size())').trim())).toBe(96 * MiB);
+      qio(a.uri('rb'), 'write -P 0x81 90M 4M');
+      await until('in sync', inSync(a, 'rb'));
+      const cmp = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a.uri('rb'), b.uri('rb')]);
+      expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+      qio(b.uri('rb'), 'read -P 0x81 90M 4M', 'read -P 0x61 0 8M');
+    });
+  }
+});
+
 describe('activity log (region-log.ts)', () => {
   const file = () => path.join(tempDir('rlog-'), 'v.rlog');
   const onDisk = (f: string) => {

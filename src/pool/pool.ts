@@ -65,6 +65,18 @@ export function defaultBlockSize(mode: SnapshotMode, size = 0): number {
   if (mode === 'row' && Math.ceil(size / 4096) <= 0xfffffffe) return 4 * 1024;
   return 64 * 1024;
 }
+/** A change to a volume that does not go through its export (replication marks and ships these). */
+export type BypassChange = { op: 'rollback'; snapshot: string } | { op: 'resize'; from: number; to: number };
+export interface BypassHook {
+  before(pool: Pool, volume: string, change: BypassChange): Promise<void>;
+  after(pool: Pool, volume: string, change: BypassChange, ok: boolean): Promise<void>;
+}
+const bypassHooks: BypassHook[] = [];
+/** Register a hook run around every rollback and resize, in every process (src/replication). */
+export function addBypassHook(h: BypassHook): void {
+  bypassHooks.push(h);
+}
+
 export const MAX_VOLUME_SIZE = 2 ** 46; // 64 TiB: block indexes stay within u32 at 64 KiB blocks
 export const SNAPSHOT_CONTEXT_PREFIX = 'snapblock:changed:';
 
@@ -290,7 +302,7 @@ export class Pool implements ExportProvider {
       throw new PoolError('EINVAL', `shrinking "${name}" from ${v.size} to ${size} bytes destroys data past the new end; pass --force to do it`);
     }
     if (size < v.size && this.connectionsTo(name)) throw new PoolError('EBUSY', `volume "${name}" has ${this.connectionsTo(name)} open connection(s); disconnect them before shrinking`);
-    await v.resize(size);
+    await this.bypass(name, { op: 'resize', from: v.size, to: size }, () => v.resize(size));
     this.log.info({ volume: name, size }, 'volume resized');
     return this.info(name);
   }
@@ -338,8 +350,19 @@ export class Pool implements ExportProvider {
     const v = await this.volume(volume);
     const n = this.connections.get(volume) ?? 0;
     if (n && !opts.force) throw new PoolError('EBUSY', `volume "${volume}" has ${n} connected client(s) that would see their data change underneath; disconnect them or pass --force`);
-    await v.rollback(name);
+    await this.bypass(volume, { op: 'rollback', snapshot: name }, () => v.rollback(name));
     this.log.info({ volume, snapshot: name }, 'volume rolled back');
+  }
+
+  private async bypass(volume: string, change: BypassChange, fn: () => Promise<void>): Promise<void> {
+    for (const h of bypassHooks) await h.before(this, volume, change);
+    let ok = false;
+    try {
+      await fn();
+      ok = true;
+    } finally {
+      for (const h of bypassHooks) await h.after(this, volume, change, ok);
+    }
   }
 
   async clone(volume: string, snapshot: string, name: string): Promise<VolumeInfo> {

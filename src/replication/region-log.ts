@@ -95,6 +95,47 @@ export class RegionLog {
     return log;
   }
 
+  /**
+   * The volume was resized: rewrite the log for the new size, keeping the bits of the
+   * regions both sizes share (regions past the old end start clear: zeroes on both copies
+   * once the secondary is resized too). Atomic (a new file renamed over the old one); a
+   * crash before the rename leaves a log of the old geometry, which open() then replaces
+   * by an all-set one.
+   */
+  static reshape(file: string, oldSize: number, newSize: number, regionSize: number): void {
+    if (!fs.existsSync(file)) return;
+    const buf = fs.readFileSync(file);
+    const oldCount = Math.ceil(oldSize / regionSize);
+    const magic = buf.length >= HEADER ? buf.toString('latin1', 0, 8) : '';
+    if (!(magic === MAGIC || magic === MAGIC_V1) || buf.readUInt32LE(8) !== regionSize || buf.readUInt32LE(12) !== oldCount) return;
+    const count = Math.ceil(newSize / regionSize);
+    const out = Buffer.alloc(HEADER + Math.ceil(count / 8));
+    buf.copy(out, 0, 0, HEADER);
+    out.write(MAGIC, 0, 'latin1');
+    out.writeUInt32LE(count, 12);
+    for (let r = 0; r < Math.min(count, oldCount); r++) if (buf[HEADER + (r >> 3)] & (1 << (r & 7))) out[HEADER + (r >> 3)] |= 1 << (r & 7);
+    // a partial last region of the old size may now hold data the secondary lacks
+    if (newSize > oldSize && oldSize % regionSize) {
+      const r = oldCount - 1;
+      out[HEADER + (r >> 3)] |= 1 << (r & 7);
+    }
+    const tmp = `${file}.tmp`;
+    const fd = fs.openSync(tmp, 'w', 0o600);
+    try {
+      fs.writeSync(fd, out);
+      fs.fdatasyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, file);
+    const dir = fs.openSync(path.dirname(file), 'r');
+    try {
+      fs.fsyncSync(dir);
+    } finally {
+      fs.closeSync(dir);
+    }
+  }
+
   private header(): Buffer {
     const h = Buffer.alloc(HEADER);
     h.write(MAGIC, 0, 'latin1');

@@ -6,7 +6,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { BlockError, type BlockLayer, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from '../block/layer.js';
 import type { ExportProvider, OpenedExport } from '../nbd/exports.js';
-import type { Pool, ReplicationStatus } from '../pool/pool.js';
+import { addBypassHook, type BypassChange, type Pool, type ReplicationStatus } from '../pool/pool.js';
 import type { VolumeReplication } from '../pool/catalog.js';
 import { PoolError } from '../pool/names.js';
 import type { Volume } from '../storage/volume.js';
@@ -43,6 +43,8 @@ export class ReplicationService {
   private readonly writing = new Map<string, Set<Promise<unknown>>>();
   private readonly peerLinks = new Map<string, number>();
   private scan?: NodeJS.Timeout;
+  /** volumes whose session is stopped for a resize: writes through the export wait for this */
+  private readonly paused = new Map<string, { done: Promise<void>; release: () => void }>();
   private stopped = false;
   private readonly timeoutMs: number;
   private readonly maxLagBytes: number;
@@ -73,7 +75,7 @@ export class ReplicationService {
   async reconcile(): Promise<void> {
     if (this.stopped) return;
     for (const { name, replication: r } of this.pool.replicatedVolumes()) {
-      if (r.role === 'primary' && r.state === 'enabled' && r.backendId && !this.sessions.has(name)) await this.startSession(name).catch((err) => this.log.error({ err, volume: name }, 'cannot start replication'));
+      if (r.role === 'primary' && r.state === 'enabled' && r.backendId && !this.sessions.has(name) && !this.paused.has(name)) await this.startSession(name).catch((err) => this.log.error({ err, volume: name }, 'cannot start replication'));
     }
     for (const [name, s] of this.sessions) {
       let r: VolumeReplication | undefined;
@@ -93,9 +95,10 @@ export class ReplicationService {
     return this.sessions.get(volume);
   }
 
-  async startSession(volume: string): Promise<ReplicationSession | undefined> {
+  async startSession(volume: string, opts: { resuming?: boolean } = {}): Promise<ReplicationSession | undefined> {
     const existing = this.sessions.get(volume);
     if (existing) return existing;
+    if (this.paused.has(volume) && !opts.resuming) return undefined;
     const r = this.pool.replicationOf(volume);
     if (!r || r.role !== 'primary' || r.state !== 'enabled' || !r.backendId) return undefined;
     const backend = this.pool.backends()[r.backendId];
@@ -206,7 +209,15 @@ export class ReplicationService {
     let readOnly = false;
     if (req.op === 'push') {
       if (r.role === 'primary') readOnly = true; // promoted here: tells the old primary it was failed over
-      else if (req.replMode && req.replMode !== r.mode) this.pool.setVolumeReplication(req.volume, (r = { ...r, mode: req.replMode }));
+      else {
+        if (req.replMode && req.replMode !== r.mode) this.pool.setVolumeReplication(req.volume, (r = { ...r, mode: req.replMode }));
+        // The primary was resized: a secondary follows (the primary resyncs what it must).
+        const cur = await this.pool.volume(req.volume);
+        if (req.size && cur.size !== req.size) {
+          await this.pool.resize(req.volume, req.size, { force: true });
+          this.log.info({ volume: req.volume, from: cur.size, to: req.size }, 'replication secondary resized to follow its primary');
+        }
+      }
     } else if (req.op === 'promote') {
       if (r.role === 'secondary') await this.promoteLocal(req.volume, undefined);
       readOnly = true;
@@ -250,6 +261,38 @@ export class ReplicationService {
     if (s) await s.stop();
     await markForResync(this.pool, volume);
     await this.startSession(volume);
+  }
+
+  // ---------------------------------------------------------------- writes behind the export's back
+
+  isPaused(volume: string): boolean {
+    return this.paused.has(volume);
+  }
+
+  /** Writes through the export wait while the volume's session is paused (resize). */
+  settled(volume: string): Promise<void> | undefined {
+    return this.paused.get(volume)?.done;
+  }
+
+  /** Stop the session for a resize; writes through the export wait until resumeSession. */
+  async pauseSession(volume: string): Promise<void> {
+    if (this.paused.has(volume)) return;
+    let release!: () => void;
+    this.paused.set(volume, { done: new Promise<void>((r) => (release = r)), release });
+    await this.drainWrites(volume);
+    const s = this.sessions.get(volume);
+    this.sessions.delete(volume);
+    if (s) await s.stop({ drainMs: 10_000 });
+  }
+
+  async resumeSession(volume: string): Promise<void> {
+    try {
+      await this.startSession(volume, { resuming: true });
+    } finally {
+      const p = this.paused.get(volume);
+      this.paused.delete(volume);
+      p?.release();
+    }
   }
 
   // ---------------------------------------------------------------- failover / failback
@@ -374,6 +417,77 @@ export async function markForResync(pool: Pool, volume: string): Promise<void> {
   await rlog.close();
 }
 
+/** Regions (of size rs) covering the given byte ranges. */
+function regionsOf(ranges: Array<{ offset: number; length: number }>, rs: number): number[] {
+  const set = new Set<number>();
+  for (const x of ranges) for (let r = Math.floor(x.offset / rs); r <= Math.floor((x.offset + Math.max(x.length, 1) - 1) / rs); r++) set.add(r);
+  return [...set].sort((a, b) => a - b);
+}
+
+const held = new Map<string, number[]>();
+
+/**
+ * Rollback and resize change a volume without going through its export. On a replicating
+ * primary: a rollback's changed regions are marked in the region log (durably, before the
+ * rollback writes anything) and dirty, then resynced; a resize stops the session, reshapes
+ * the log, and the next connection carries the new size to the secondary, which follows.
+ * Works in-process too (no server): then only the log is marked, and the next `serve`
+ * resyncs it.
+ */
+addBypassHook({
+  async before(pool: Pool, volume: string, change: BypassChange): Promise<void> {
+    let r: VolumeReplication | undefined;
+    try {
+      r = pool.replicationOf(volume);
+    } catch {
+      return;
+    }
+    if (!r || r.role !== 'primary' || r.state !== 'enabled') return;
+    const svc = serviceOf(pool);
+    const v = await pool.volume(volume);
+    const rs = regionSizeFor(v.blockSize);
+    if (change.op === 'resize') {
+      await svc?.pauseSession(volume);
+      return;
+    }
+    const regions = regionsOf(await v.changedExtents(change.snapshot, undefined), rs);
+    const s = svc?.session(volume);
+    if (s) await s.beginBypass(regions);
+    else {
+      const rlog = RegionLog.open(regionLogPath(pool, volume), v.size, rs);
+      await Promise.all(regions.map((x) => rlog.mark(x, x)));
+      await rlog.close();
+    }
+    held.set(`${pool.dir}\0${volume}`, regions);
+  },
+  async after(pool: Pool, volume: string, change: BypassChange, ok: boolean): Promise<void> {
+    const svc = serviceOf(pool);
+    if (change.op === 'resize') {
+      if (!svc?.isPaused(volume) && !(svc === undefined && isReplicatingPrimary(pool, volume))) return;
+      const v = await pool.volume(volume);
+      if (ok) RegionLog.reshape(regionLogPath(pool, volume), change.from, change.to, regionSizeFor(v.blockSize));
+      if (svc) await svc.resumeSession(volume);
+      return;
+    }
+    const key = `${pool.dir}\0${volume}`;
+    const regions = held.get(key);
+    if (!regions) return;
+    held.delete(key);
+    const s = svc?.session(volume);
+    // sync: the rollback returns once the secondary has it too (if the link is up)
+    if (s) await s.endBypass(regions, { waitMs: s.mode === 'sync' ? 60_000 : 0 });
+  },
+});
+
+function isReplicatingPrimary(pool: Pool, volume: string): boolean {
+  try {
+    const r = pool.replicationOf(volume);
+    return r?.role === 'primary' && r.state === 'enabled';
+  } catch {
+    return false;
+  }
+}
+
 /** The read-write export of a volume as ordinary clients see it: replicated, fenced or plain. */
 class ReplicatedExport implements BlockLayer {
   constructor(
@@ -399,18 +513,22 @@ class ReplicatedExport implements BlockLayer {
     return this.layer.read(offset, length);
   }
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    await this.svc.settled(this.volume);
     const s = this.guard();
     return this.svc.track(this.volume, s ? s.write(offset, data, flags) : this.layer.write(offset, data, flags));
   }
   async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+    await this.svc.settled(this.volume);
     const s = this.guard();
     return this.svc.track(this.volume, s ? s.trim(offset, length, flags) : this.layer.trim(offset, length, flags));
   }
   async zero(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    await this.svc.settled(this.volume);
     const s = this.guard();
     return this.svc.track(this.volume, s ? s.zero(offset, length, flags) : this.layer.zero(offset, length, flags));
   }
   async flush(): Promise<void> {
+    await this.svc.settled(this.volume);
     const s = this.svc.session(this.volume);
     return s ? s.flush() : this.layer.flush();
   }

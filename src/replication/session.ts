@@ -68,6 +68,8 @@ const COPY_PARALLEL = 8;
 
 /** a sequential writer has this many extents ahead of it made hot (in the background) */
 const MARK_AHEAD = Math.max(2, Number(process.env.SNAPBLOCK_REPL_MARK_AHEAD ?? 64));
+/** under load, the secondary is flushed (to cover hot extents) at most this often */
+const COVER_MS = Number(process.env.SNAPBLOCK_REPL_COVER_MS ?? 10_000);
 /** how many write streams the sequential detection follows */
 const STREAMS = 64;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -133,6 +135,10 @@ export class ReplicationSession {
   private timer?: NodeJS.Timeout;
   private connecting?: Promise<void>;
   private cleaning = false;
+  private kicking?: Promise<void>;
+  private readonly bypassUnlock = new Map<number, () => void>();
+  private writesSinceCycle = 0;
+  private lastCover = Date.now();
   private readonly size: number;
 
   constructor(private readonly o: SessionOptions) {
@@ -260,6 +266,7 @@ export class ReplicationSession {
       entered = true;
       // Activity log: free when the extents are hot already; else one shared commit.
       const m = this.rlog.activate(r0, r1);
+      this.writesSinceCycle++;
       if (this.sequential(e.offset, e.length)) this.markAhead(r1);
       if (m) await m;
       this.checkWritable();
@@ -661,18 +668,29 @@ export class ReplicationSession {
   private readonly busy = (r: number): boolean => this.inflight.has(r) || this.isNeed(r) || this.locks.has(r);
 
   /**
-   * Once a second: FLUSH the secondary (also the heartbeat of an idle link); the hot
-   * extents whose writes completed before it are then covered, and the hot set is
-   * brought back under its bound (lazily: the cleared bits ride with the next commit).
+   * Once a second, when the link is up. The secondary is FLUSHed when that makes hot
+   * extents covered (their writes completed before the FLUSH was sent) and it is worth
+   * it: the link is idle (cheap there), the hot set is over its bound (eviction needs
+   * covered extents), or COVER_MS passed since the last one (bounds what a link loss
+   * resyncs). A FLUSH of a busy secondary costs it an fdatasync of everything written
+   * since the last one, so under load it is not sent every second. Otherwise a 4 KiB
+   * READ is the heartbeat. Then the hot set is brought back under its bound (lazily:
+   * the cleared bits ride with the next commit).
    */
   private async cleanCycle(): Promise<void> {
     const c = this.client;
     if (this.cleaning || !c || this.link !== 'replicating') return;
     this.cleaning = true;
     try {
+      const idle = this.writesSinceCycle === 0;
+      this.writesSinceCycle = 0;
       const cands = this.rlog.coverCandidates(this.busy);
-      await c.flush();
-      this.rlog.covered(cands);
+      const due = Date.now() - this.lastCover >= COVER_MS || this.rlog.hotCount > this.rlog.hotLimit;
+      if (cands.length && (idle || due)) {
+        this.lastCover = Date.now();
+        await c.flush();
+        this.rlog.covered(cands);
+      } else await c.read(0, Math.min(4096, this.size));
       this.rlog.evict((r) => !this.busy(r));
     } catch (err) {
       this.linkLost(c, err as Error);
@@ -704,6 +722,64 @@ export class ReplicationSession {
     // Clean stop: covered extents leave the log (the secondary has them durably).
     if (this.link !== 'failed-over') this.rlog.releaseCovered((r) => !this.busy(r));
     await this.rlog.close();
+  }
+
+  // ---------------------------------------------------------------- writes behind the export's back
+
+  /**
+   * Regions about to be rewritten without going through this filter (snapshot rollback):
+   * made durable in the log and dirty before the first such write, and held (no resync
+   * copies them, export writes to them wait) until endBypass.
+   */
+  async beginBypass(regions: number[]): Promise<void> {
+    for (const r of regions) {
+      while (this.locks.has(r)) await this.locks.get(r);
+      let unlock!: () => void;
+      this.locks.set(r, new Promise<void>((res) => (unlock = res)));
+      this.bypassUnlock.set(r, unlock);
+    }
+    const marks: Promise<void>[] = [];
+    for (const r of regions) {
+      const m = this.rlog.activate(r, r);
+      if (m) marks.push(m);
+      this.setNeed(r, r);
+    }
+    await Promise.all(marks);
+  }
+
+  /** The bypassing writes are done: the regions resync now (link up) or when the link returns. */
+  async endBypass(regions: number[], opts: { waitMs?: number } = {}): Promise<void> {
+    for (const r of regions) {
+      this.locks.delete(r);
+      this.bypassUnlock.get(r)?.();
+      this.bypassUnlock.delete(r);
+    }
+    const done = this.resyncNow();
+    if (opts.waitMs && this.client) {
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<void>((r) => (timer = setTimeout(r, opts.waitMs).unref()));
+      await Promise.race([done.then(() => this.waitClean(0, this.rlog.count - 1)), timeout]).catch(() => {});
+      clearTimeout(timer);
+    }
+  }
+
+  /** Copy the dirty regions now, if the link is up (otherwise the reconnection does). */
+  resyncNow(): Promise<void> {
+    this.kicking ??= (async () => {
+      const c = this.client;
+      if (!c || this.link !== 'replicating' || !this.needCount) return;
+      this.link = 'syncing';
+      try {
+        await this.resync(c);
+      } catch (err) {
+        this.linkLost(c, err as Error);
+      }
+      if (this.client === c && this.link === 'syncing') {
+        this.link = 'replicating';
+        this.pump();
+      }
+    })().finally(() => (this.kicking = undefined));
+    return this.kicking;
   }
 
   /** Fence local writes (planned failover); resolves when none is in flight. */
