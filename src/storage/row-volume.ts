@@ -398,20 +398,27 @@ export class RowVolume extends Volume {
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
     for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
-    const runs: Array<{ at: number; buf: Buffer }> = [];
+    // Blocks that follow each other on disk as in the volume become one run (one syscall,
+    // no per-block buffer views): small blocks must not make large reads expensive.
+    const runs: Array<{ at: number; start: number; len: number }> = [];
     const baseReads: Promise<void>[] = [];
     for (let l = first; l <= last; l++) {
       const bo = l === first ? offset - l * bs : 0;
       const start = l * bs + bo - offset;
       const n = Math.min(bs - bo, length - start);
-      const dst = out.subarray(start, start + n);
       const p = this.resolve(snap, l);
-      if (p !== UNALLOCATED && p !== ZERO) runs.push({ at: (p - 1) * bs + bo, buf: dst });
-      else if (p === UNALLOCATED && this.opts.base && l * bs + bo < this.opts.base.size) {
+      if (p !== UNALLOCATED && p !== ZERO) {
+        const at = (p - 1) * bs + bo;
+        const run = runs[runs.length - 1];
+        if (run && run.at + run.len === at && run.start + run.len === start) run.len += n;
+        else runs.push({ at, start, len: n });
+      } else if (p === UNALLOCATED && this.opts.base && l * bs + bo < this.opts.base.size) {
+        const dst = out.subarray(start, start + n);
         baseReads.push(this.opts.base.read(l * bs + bo, n).then((b) => void b.copy(dst)));
-      } else dst.fill(0);
+      } else out.fill(0, start, start + n);
     }
-    await Promise.all([readRuns(this.fd, runs), ...baseReads]);
+    const pieces = runs.map((r) => ({ at: r.at, buf: out.subarray(r.start, r.start + r.len) }));
+    await Promise.all([readRuns(this.fd, pieces), ...baseReads]);
     return out;
   }
 
