@@ -121,7 +121,12 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
   // the volume's state are fetched at the same time.
   const prefix = idPrefixOf(nbdAddress ? nbdAddress.exportName : opts.volume!);
   const [keys, info, snaps] = await Promise.all([
-    store.ensure().then(() => repo.keys(prefix)),
+    // no HeadBucket first: a missing bucket shows as NoSuchBucket here, and is created then
+    repo.keys(prefix).catch(async (err: unknown) => {
+      if ((err as Error).name !== 'NoSuchBucket') throw err;
+      await store.ensure();
+      return [];
+    }),
     server && !nbdAddress ? server.volumeInfo(opts.volume!) : undefined,
     server && !nbdAddress ? server.snapshots(opts.volume!) : undefined,
   ]);
@@ -175,25 +180,27 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
         if (!snapValid(snapshot)) throw new BackupError('ENOENT', `volume ${volume} has no valid snapshot "${snapshot}"`);
       } else {
         snapshot = `backup-${id.split('.').slice(-2).join('.')}`;
-        await server!.createSnapshot(volume, snapshot);
-        snaps!.push({ name: snapshot, created: new Date().toISOString(), size: info!.size, status: 'valid' });
         owns = true;
       }
       source = { type: 'pool', volume, volumeCreated: info!.created, snapshot, ownsSnapshot: owns };
-      if (opts.incremental) {
-        // the newest complete backup of this volume whose snapshot still exists and is older
-        const order = snaps!.map((s) => s.name);
+      // the newest complete backup of this volume whose snapshot still exists and is older
+      // (a snapshot taken now is the newest): looked up while the snapshot is taken
+      const order = [...snaps!.map((s) => s.name), ...(owns ? [snapshot] : [])];
+      const findParent = async (snap: string) => {
         let candidates = 0;
         for await (const m of repo.newestFirst(completes, onDamaged)) {
           if (!mine(m) || m.source.type !== 'pool') continue;
           candidates++;
           const s = m.source.snapshot;
-          if (snapValid(s) && order.indexOf(s) >= 0 && order.indexOf(s) < order.indexOf(snapshot)) {
-            parent = m;
-            break;
-          }
+          if (snapValid(s) && order.indexOf(s) >= 0 && order.indexOf(s) < order.indexOf(snap)) return { parent: m, candidates };
         }
-        if (!parent) warn(candidates ? `no earlier backup of ${volume} has its snapshot left on the volume: taking a full backup` : `no earlier backup of ${volume}: taking a full backup`);
+        return { parent: undefined, candidates };
+      };
+      const [, found] = await Promise.all([owns ? server!.createSnapshot(volume, snapshot) : undefined, opts.incremental ? findParent(snapshot) : undefined]);
+      if (owns) snaps!.push({ name: snapshot, created: new Date().toISOString(), size: info!.size, status: 'valid' });
+      if (found) {
+        parent = found.parent;
+        if (!parent) warn(found.candidates ? `no earlier backup of ${volume} has its snapshot left on the volume: taking a full backup` : `no earlier backup of ${volume}: taking a full backup`);
       }
     }
     address = server!.address(`${volume}@${source.type === 'pool' ? source.snapshot : ''}`);
@@ -209,6 +216,7 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     throw leaseR.reason;
   }
   const lease = leaseR.value;
+  let released = false;
   let nbd: NbdClient | undefined;
   try {
     if (nbdR.status === 'rejected') throw nbdR.reason;
@@ -225,14 +233,14 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     const size = nbd.size;
     if (resumeFrom && resumeFrom.size !== size) throw new BackupError('EIO', `cannot resume ${id}: the source size changed`);
     const hasAlloc = nbd.contexts.has('base:allocation');
-    const alloc: Range[] = hasAlloc
-      ? (await nbd.map('base:allocation')).filter((e) => !(e.flags & ZERO)).map((e) => [e.offset, e.length] as Range)
-      : [[0, size]];
+    // both maps at once (each is a few BLOCK_STATUS round trips)
+    const [allocMap, changedMap] = await Promise.all([hasAlloc ? nbd.map('base:allocation') : undefined, parent ? nbd.map(changedCtx!) : undefined]);
+    const alloc: Range[] = allocMap ? allocMap.filter((e) => !(e.flags & ZERO)).map((e) => [e.offset, e.length] as Range) : [[0, size]];
     const data = mergeRanges(alloc);
     let toRead: Range[];
     let zeroed: Range[] = [];
     if (parent) {
-      const changed: Range[] = (await nbd.map(changedCtx!)).filter((e) => e.flags & 1).map((e) => [e.offset, e.length] as Range);
+      const changed: Range[] = changedMap!.filter((e) => e.flags & 1).map((e) => [e.offset, e.length] as Range);
       if (size > parent.size) changed.push([parent.size, size - parent.size]);
       const c = mergeRanges(changed).map(([o, l]) => [o, Math.min(l, size - o)] as Range).filter((r) => r[1] > 0);
       toRead = intersect(c, data);
@@ -286,7 +294,9 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     };
     const todo = pieces.filter(([o, l]) => !done.has(`${o}:${l}`));
     // The journal exists for a resume; a backup with nothing to read has nothing to resume.
-    if (!resumeFrom && todo.length) await journal();
+    // Not awaited: reading starts meanwhile (a chunk stored before the journal lands and
+    // then lost to a crash is only garbage for GC); a failed write loses only the resume point.
+    if (!resumeFrom && todo.length) void journal().catch(() => {});
 
     // Which chunks the store holds: the parent chain's (named in their manifests), and one
     // bounded listing of chunks/ instead of a HEAD per chunk (both started now, awaited by
@@ -390,6 +400,9 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
         })(),
       );
     }
+    // and, now that the manifest names every chunk: the lease and the NBD connection
+    cleanup.push(lease.release().catch(() => {}), nbd.close().catch(() => {}));
+    released = true;
     await Promise.all(cleanup);
     return {
       id,
@@ -410,8 +423,7 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
       warnings,
     };
   } finally {
-    await nbd?.close().catch(() => {});
-    await lease.release().catch(() => {});
+    if (!released) await Promise.all([nbd?.close().catch(() => {}), lease.release().catch(() => {})]);
   }
 }
 
