@@ -28,7 +28,7 @@ import type { NbdClient } from '../nbd/client.js';
 import { DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY } from './defaults.js';
 export { DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY };
 /** pieces read and hashed ahead while `concurrency` uploads are in flight */
-export const READ_AHEAD = 2;
+export const READ_AHEAD = Number(process.env.SNAPBLOCK_BACKUP_READ_AHEAD ?? 4);
 /** listing budget: keys listed per piece to back up (a page of 1000 keys costs about as much as a few HEADs) */
 const LIST_KEYS_PER_PIECE = 50;
 const CHANGED_PREFIX = 'snapblock:changed:';
