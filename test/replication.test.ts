@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import http from 'node:http';
-import { CLI, cli, nbdsh, run, startServer, tempDir, type RunningServer } from './helpers/server.js';
+import { CLI, cli, nbdsh, run, serverHandle, startServer, tempDir, type RunningServer } from './helpers/server.js';
 import { RegionLog } from '../src/replication/region-log.js';
 
 const MiB = 1024 * 1024;
@@ -479,26 +479,9 @@ async function serveInNetns(pool: string): Promise<RunningServer> {
   let log = '';
   proc.stdout!.on('data', (c) => (log += c));
   proc.stderr!.on('data', (c) => (log += c));
-  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
   await until('the namespaced server listening', () => log.includes('snapblock serving') || proc.exitCode !== null, 20_000);
   if (proc.exitCode !== null) throw new Error(`serve in ${NS} exited: ${log}`);
-  const s: RunningServer = {
-    pool,
-    port: 10809,
-    socket,
-    proc,
-    uri: (name) => `nbd+unix:///${name}?socket=${socket}`,
-    cli: (args) => cli(pool, args),
-    stop: async () => {
-      if (proc.exitCode === null) proc.kill('SIGTERM');
-      return exited;
-    },
-    kill9: async () => {
-      proc.kill('SIGKILL');
-      await exited;
-    },
-    logs: () => log,
-  };
+  const s = serverHandle({ pool, port: 10809, socket, proc, uri: (name) => `nbd+unix:///${name}?socket=${socket}`, logs: () => log });
   running.push(s);
   return s;
 }

@@ -58,8 +58,15 @@ done
 [[ "$conns" =~ ^[1-9][0-9]*$ ]] || die "--conns must be a positive integer"
 case "$scenario" in fs|verify-ro|verify-rw|fio) ;; *) die "unknown scenario '$scenario'" ;; esac
 [[ "$host" =~ ^[A-Za-z0-9._-]+$ ]] || die "--host must be a hostname or IPv4 address"
+# No pipe into `grep -q` here: it exits at the first match and, with pipefail, printf's
+# SIGPIPE on a long CHECKSUMS value made this check fail at random.
+has_checksums_set() {
+  local kv
+  for kv in "${sets[@]+"${sets[@]}"}"; do [[ $kv == CHECKSUMS=* ]] && return 0; done
+  return 1
+}
 if { [ "$scenario" = verify-ro ] || [ "$scenario" = verify-rw ]; } && [ -z "$checksums" ] &&
-  ! printf '%s\n' "${sets[@]+"${sets[@]}"}" | grep -q '^CHECKSUMS='; then
+  ! has_checksums_set; then
   die "verify-ro needs --checksums FILE (or --set CHECKSUMS=...)"
 fi
 

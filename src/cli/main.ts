@@ -2,6 +2,7 @@
 // with a non-zero exit code (1: the operation failed, 2: the command was malformed).
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
+import { failCommand, failRun } from './exit.js';
 import { createLogger } from '../log.js';
 import { parseSize, formatSize } from '../pool/size.js';
 import { connectPool, type PoolCaller } from './ops.js';
@@ -224,19 +225,8 @@ export async function main(args: string[]): Promise<void> {
     .help()
     .alias('h', 'help')
     .version()
-    .fail((msg, err) => {
-      // A thrown Error is a failed operation (exit 1); anything else is a malformed command (exit 2).
-      if (err instanceof Error && err.name !== 'YError') {
-        process.stderr.write(`snapblock: ${err.message}\n`);
-        process.exit(1);
-      }
-      process.stderr.write(`snapblock: ${msg ?? String(err)}\nRun with --help for usage.\n`);
-      process.exit(2);
-    })
+    .fail(failCommand)
     .parseAsync();
 }
 
-main(hideBin(process.argv)).catch((err: Error) => {
-  process.stderr.write(`snapblock: ${err.message}\n`);
-  process.exit(1);
-});
+main(hideBin(process.argv)).catch(failRun);

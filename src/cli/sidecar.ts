@@ -5,6 +5,7 @@
 // `snapblock --help` and every other command still go through main.ts.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
+import { failCommand, failRun } from './exit.js';
 import { backupCommandModules } from './backup.js';
 
 async function sidecar(args: string[]): Promise<void> {
@@ -24,19 +25,8 @@ async function sidecar(args: string[]): Promise<void> {
     // itself keeps the wrapped layout.
     .wrap(args.some((x) => x === '--help' || x === '-h') ? Math.min(120, process.stdout.columns ?? 80) : null)
     .version()
-    .fail((msg, err) => {
-      // A thrown Error is a failed operation (exit 1); anything else is a malformed command (exit 2).
-      if (err instanceof Error && err.name !== 'YError') {
-        process.stderr.write(`snapblock: ${err.message}\n`);
-        process.exit(1);
-      }
-      process.stderr.write(`snapblock: ${msg ?? String(err)}\nRun with --help for usage.\n`);
-      process.exit(2);
-    })
+    .fail(failCommand)
     .parseAsync();
 }
 
-sidecar(hideBin(process.argv)).catch((err: Error) => {
-  process.stderr.write(`snapblock: ${err.message}\n`);
-  process.exit(1);
-});
+sidecar(hideBin(process.argv)).catch(failRun);

@@ -22,6 +22,7 @@ import type { Volume } from '../storage/volume.js';
 import type { VolumeReplication } from '../pool/catalog.js';
 import { RegionLog } from './region-log.js';
 import { connectPeer } from './peer.js';
+import { ioBuffer, recycle } from '../block/io-buffers.js';
 
 export type LinkState = 'connecting' | 'syncing' | 'replicating' | 'disconnected' | 'not-capable' | 'error' | 'failed-over' | 'stopped';
 
@@ -74,34 +75,11 @@ const COVER_MS = Number(process.env.SNAPBLOCK_REPL_COVER_MS ?? 10_000);
 const STREAMS = 64;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-// Buffers for the async queue's copies, reused by size class (powers of two from 64 KiB).
-const POOL_MIN = 64 * 1024;
-const POOL_MAX_IDLE = 64 * 1024 * 1024;
-const pool = new Map<number, Buffer[]>();
-const backingOf = new WeakMap<Buffer, Buffer>();
-let poolIdle = 0;
-
+/** The async queue's copy of a write payload (the payload is the caller's again once acknowledged). */
 function copyBuffer(src: Buffer): Buffer {
-  if (src.length < POOL_MIN) return Buffer.from(src);
-  const cls = 2 ** Math.ceil(Math.log2(src.length));
-  const reused = pool.get(cls)?.pop();
-  if (reused) poolIdle -= cls;
-  const backing = reused ?? Buffer.allocUnsafeSlow(cls);
-  const view = backing.subarray(0, src.length);
-  src.copy(view);
-  backingOf.set(view, backing);
-  return view;
-}
-
-function releaseBuffer(view: Buffer): void {
-  const backing = backingOf.get(view);
-  if (!backing) return;
-  backingOf.delete(view);
-  if (poolIdle + backing.length > POOL_MAX_IDLE) return;
-  let list = pool.get(backing.length);
-  if (!list) pool.set(backing.length, (list = []));
-  list.push(backing);
-  poolIdle += backing.length;
+  const copy = ioBuffer(src.length);
+  src.copy(copy);
+  return copy;
 }
 
 export class ReplicationSession {
@@ -449,7 +427,7 @@ export class ReplicationSession {
       this.applyRemote(c, e, false).then(
         () => {
           this.shipping.delete(e);
-          if (e.data) releaseBuffer(e.data); // the secondary replied: the socket is done with it
+          if (e.data) recycle(e.data); // the secondary replied: the socket is done with it
           this.shipped(e);
           this.pump();
         },

@@ -79,14 +79,19 @@ export async function startServer(opts: { pool?: string; args?: string[]; volume
     proc.once('exit', (code) => reject(new Error(`snapblock serve exited with ${code}:\n${log}`)));
     setTimeout(() => reject(new Error(`snapblock serve did not start:\n${log}`)), 20_000);
   });
-  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  return serverHandle({ pool, port, socket, proc, uri: (name) => `nbd://127.0.0.1:${port}/${name}`, logs: () => log });
+}
+
+/** The RunningServer of a started `snapblock serve` process. */
+export function serverHandle(o: Pick<RunningServer, 'pool' | 'port' | 'socket' | 'proc' | 'uri' | 'logs'>): RunningServer {
+  const { proc } = o;
+  const exited = new Promise<number | null>((resolve) => {
+    if (proc.exitCode !== null) resolve(proc.exitCode);
+    else proc.once('exit', (code) => resolve(code));
+  });
   return {
-    pool,
-    port,
-    socket,
-    proc,
-    uri: (name) => `nbd://127.0.0.1:${port}/${name}`,
-    cli: (args) => cli(pool, args),
+    ...o,
+    cli: (args) => cli(o.pool, args),
     stop: async () => {
       if (proc.exitCode === null) proc.kill('SIGTERM');
       return exited;
@@ -95,7 +100,6 @@ export async function startServer(opts: { pool?: string; args?: string[]; volume
       proc.kill('SIGKILL');
       await exited;
     },
-    logs: () => log,
   };
 }
 
