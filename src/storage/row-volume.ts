@@ -275,17 +275,22 @@ export class RowVolume extends Volume {
     for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
     this.dataDirty = true;
     const newest = this.newest();
-    const inPlace: Array<{ at: number; buf: Buffer }> = [];
+    // Pieces contiguous on disk and in the payload become one run (see readView).
+    const runs: Array<{ at: number; start: number; len: number }> = [];
+    const inPlace = (at: number, start: number, len: number) => {
+      const run = runs[runs.length - 1];
+      if (run && run.at + run.len === at && run.start + run.len === start) run.len += len;
+      else runs.push({ at, start, len });
+    };
     const redirects: Promise<void>[] = [];
     for (let l = first; l <= last; l++) {
       const bo = l === first ? offset - l * bs : 0;
       const start = l * bs + bo - offset;
       const n = Math.min(bs - bo, data.length - start);
-      const slice = data.subarray(start, start + n);
       const cur = this.table.ptr(l);
       const shared = newest !== undefined && this.table.birth(l) <= newest.gen;
       if (cur !== UNALLOCATED && cur !== ZERO && !shared) {
-        inPlace.push({ at: (cur - 1) * bs + bo, buf: slice });
+        inPlace((cur - 1) * bs + bo, start, n);
       } else if (cur === ZERO || (cur === UNALLOCATED && !this.opts.base)) {
         // A fresh or punched block reads as zeroes outside what we write.
         // Recorded at once: until the data lands the block reads as zeroes, which is what
@@ -294,12 +299,13 @@ export class RowVolume extends Volume {
         const p = this.allocate();
         this.table.set(l, p + 1, this.meta.gen);
         this.journal.append(Kind.MAP, l, p + 1, this.meta.gen);
-        inPlace.push({ at: p * bs + bo, buf: slice });
+        inPlace(p * bs + bo, start, n);
       } else {
-        redirects.push(this.redirect(l, bo, slice, newest));
+        redirects.push(this.redirect(l, bo, data.subarray(start, start + n), newest));
       }
     }
-    await Promise.all([writeRuns(this.fd, inPlace), ...redirects]);
+    const pieces = runs.map((r) => ({ at: r.at, buf: data.subarray(r.start, r.start + r.len) }));
+    await Promise.all([writeRuns(this.fd, pieces), ...redirects]);
   }
 
   /** Copy-merge a block into a newly allocated one: shared with a snapshot, or a clone block still in its base. */
