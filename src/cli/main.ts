@@ -1,8 +1,8 @@
 // The snapblock command line. Every read command takes --json; errors go to stderr
 // with a non-zero exit code (1: the operation failed, 2: the command was malformed).
-import yargs, { type Argv } from 'yargs';
+import type { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { failCommand, failRun } from './exit.js';
+import { failCommand, failRun, snapblockArgs } from './entry.js';
 import { createLogger } from '../log.js';
 import { parseSize, formatSize } from '../pool/size.js';
 import { connectPool, type PoolCaller } from './ops.js';
@@ -151,12 +151,7 @@ function typeCommands(y: Argv<Global>): Argv<Global> {
 }
 
 export async function main(args: string[]): Promise<void> {
-  await yargs(args)
-    .scriptName('snapblock')
-    .usage('$0 [--pool DIR] <command>')
-    .option('pool', { type: 'string', default: process.env.SNAPBLOCK_POOL ?? './data', describe: 'pool directory (env SNAPBLOCK_POOL)', global: true })
-    .option('json', { type: 'boolean', default: false, describe: 'machine-readable output', global: true })
-    .option('log-level', { type: 'string', default: process.env.SNAPBLOCK_LOG_LEVEL ?? 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'], global: true })
+  await snapblockArgs(args)
     .command(
       'serve',
       'serve every volume (and VOLUME@SNAPSHOT read-only) over NBD, with the control API on <pool>/control.sock',

@@ -3,18 +3,12 @@
 // as src/cli/main.ts, without importing the server (daemon, pool, storage, replication,
 // control operations), which costs about half a second of start-up on a busy 2-core box.
 // `snapblock --help` and every other command still go through main.ts.
-import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { failCommand, failRun } from './exit.js';
+import { failCommand, failRun, snapblockArgs } from './entry.js';
 import { backupCommandModules } from './backup.js';
 
 async function sidecar(args: string[]): Promise<void> {
-  await yargs(args)
-    .scriptName('snapblock')
-    .usage('$0 [--pool DIR] <command>')
-    .option('pool', { type: 'string', default: process.env.SNAPBLOCK_POOL ?? './data', describe: 'pool directory (env SNAPBLOCK_POOL)', global: true })
-    .option('json', { type: 'boolean', default: false, describe: 'machine-readable output', global: true })
-    .option('log-level', { type: 'string', default: process.env.SNAPBLOCK_LOG_LEVEL ?? 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'], global: true })
+  await snapblockArgs(args)
     .command(backupCommandModules as never)
     .demandCommand(1, 'name a command: backup, export-diff or import-diff')
     .strict()

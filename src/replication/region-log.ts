@@ -18,6 +18,7 @@
 // only what may really differ.
 import fs from 'node:fs';
 import path from 'node:path';
+import { writeFileAtomic } from '../pool/atomic-file.js';
 
 const MAGIC_V1 = 'SBRLOG01';
 const MAGIC = 'SBRLOG02';
@@ -119,21 +120,7 @@ export class RegionLog {
       const r = oldCount - 1;
       out[HEADER + (r >> 3)] |= 1 << (r & 7);
     }
-    const tmp = `${file}.tmp`;
-    const fd = fs.openSync(tmp, 'w', 0o600);
-    try {
-      fs.writeSync(fd, out);
-      fs.fdatasyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, file);
-    const dir = fs.openSync(path.dirname(file), 'r');
-    try {
-      fs.fsyncSync(dir);
-    } finally {
-      fs.closeSync(dir);
-    }
+    writeFileAtomic(file, out);
   }
 
   private header(): Buffer {
