@@ -55,9 +55,8 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
+import { ROOT, eachArg, list, parseSize, sleep } from './lib.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 let CLI = path.join(ROOT, 'bin', 'snapblock.js'); // --root picks another build
 const SYS_PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ''}`;
 const TAG_HI = 0x5b000000; // high u32 of the offset field of every record
@@ -88,11 +87,6 @@ const HELP = `usage: node bench/crash-stress.mjs [options]
   --verbose           log every snapshot operation
 `;
 
-function parseSize(s) {
-  const m = /^(\d+(?:\.\d+)?)([kmgt]?)i?b?$/i.exec(String(s).trim());
-  if (!m) throw new Error(`bad size "${s}"`);
-  return Math.round(Number(m[1]) * { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 }[m[2].toLowerCase()]);
-}
 
 function parseArgs(argv) {
   const o = {
@@ -114,13 +108,7 @@ function parseArgs(argv) {
     keep: false,
     verbose: false,
   };
-  const list = (v) => String(v).split(',').map((x) => x.trim()).filter(Boolean);
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => {
-      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
-      return argv[++i];
-    };
+  eachArg(argv, (a, val) => {
     switch (a) {
       case '--iterations': o.iterations = Number(val()); break;
       case '--modes': o.modes = list(val()); break;
@@ -142,7 +130,7 @@ function parseArgs(argv) {
       case '-h': case '--help': process.stdout.write(HELP); process.exit(0); break;
       default: throw new Error(`unknown option ${a}\n\n${HELP}`);
     }
-  }
+  });
   if (!Number.isInteger(o.iterations) || o.iterations < 1) throw new Error('--iterations must be a positive integer');
   if (!Number.isInteger(o.seed) || o.seed < 0) throw new Error('--seed must be a non-negative integer');
   if (!Number.isInteger(o.start) || o.start < 1) throw new Error('--start-iteration must be a positive integer');
@@ -159,7 +147,6 @@ function parseArgs(argv) {
 
 // ------------------------------------------------------------------ small tools
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const nowNs = () => Number(process.hrtime.bigint()); // CLOCK_MONOTONIC, like Python's time.monotonic_ns()
 const hex = (n) => '0x' + n.toString(16);
 const fmtBytes = (b) => (b >= 1024 * 1024 ? `${(b / 1024 / 1024).toFixed(1)}M` : b >= 1024 ? `${(b / 1024).toFixed(1)}K` : `${b}B`);

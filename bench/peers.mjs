@@ -21,9 +21,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { ROOT, eachArg, list, parseSize, sleep } from './lib.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const EXPORT = 'bench';
 
 // ---------------------------------------------------------------- options
@@ -55,12 +54,6 @@ const HELP = `usage: node bench/peers.mjs [options]
   --keep               keep the scratch directory (backing file, logs, fio outputs)
 `;
 
-function parseSize(s) {
-  const m = /^(\d+(?:\.\d+)?)([kmgt]?)i?b?$/i.exec(String(s).trim());
-  if (!m) throw new Error(`bad size "${s}"`);
-  const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 }[m[2].toLowerCase()];
-  return Math.round(Number(m[1]) * mult);
-}
 
 function parseArgs(argv) {
   const o = {
@@ -82,13 +75,7 @@ function parseArgs(argv) {
     chart: true,
     keep: false,
   };
-  const list = (v) => String(v).split(',').map((x) => x.trim()).filter(Boolean);
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => {
-      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
-      return argv[++i];
-    };
+  eachArg(argv, (a, val) => {
     switch (a) {
       case '--quick': o.runtime = 3; o.ramp = 1; break;
       case '--runtime': o.runtime = Number(val()); break;
@@ -111,7 +98,7 @@ function parseArgs(argv) {
       case '-h': case '--help': process.stdout.write(HELP); process.exit(0); break;
       default: throw new Error(`unknown option ${a}\n\n${HELP}`);
     }
-  }
+  });
   if (!(o.runtime > 0) || !(o.ramp >= 0)) throw new Error('--runtime must be > 0 and --ramp >= 0');
   if (!Number.isInteger(o.rounds) || o.rounds < 1) throw new Error('--rounds must be a positive integer');
   if (o.size % (1024 * 1024) !== 0 || o.size < 16 * 1024 * 1024) throw new Error('--size must be a multiple of 1M and at least 16M');
@@ -225,7 +212,6 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
   });
 }
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const log = (s) => process.stderr.write(s + '\n');
 
 function which(cmd) {

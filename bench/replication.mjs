@@ -15,9 +15,8 @@ import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { ROOT, parseSize, sleep } from './lib.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'bin', 'snapblock.js');
 const args = process.argv.slice(2);
 const opt = (k, d) => {
@@ -78,7 +77,6 @@ function control(pool, op, a = {}) {
   });
 }
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 async function waitInSync(pool, vol) {
   for (let i = 0; i < 600; i++) {
@@ -119,9 +117,9 @@ async function main() {
   cli(aPool, ['replication', 'type-create', 'async', '--replication', 'async', '--backend-id', 'b']);
   const a = await serve(aPool);
   const vols = { unreplicated: 'plain', sync: 'vsync', async: 'vasync' };
-  await control(aPool, 'volume.create', { name: 'plain', size: parseSizeArg(size) });
-  await control(aPool, 'volume.create', { name: 'vsync', size: parseSizeArg(size), type: 'sync' });
-  await control(aPool, 'volume.create', { name: 'vasync', size: parseSizeArg(size), type: 'async' });
+  await control(aPool, 'volume.create', { name: 'plain', size: parseSize(size) });
+  await control(aPool, 'volume.create', { name: 'vsync', size: parseSize(size), type: 'sync' });
+  await control(aPool, 'volume.create', { name: 'vasync', size: parseSize(size), type: 'async' });
   for (const v of Object.values(vols)) await waitInSync(aPool, v);
 
   const results = {};
@@ -184,10 +182,6 @@ async function main() {
   console.log(`written ${path.relative(ROOT, file)}`);
 }
 
-function parseSizeArg(s) {
-  const m = /^(\d+)([kmgt]?)$/i.exec(s);
-  return Number(m[1]) * { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 }[m[2].toLowerCase()];
-}
 
 try {
   await main();

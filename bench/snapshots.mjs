@@ -45,9 +45,8 @@ import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { ROOT, eachArg, list, parseSize, sleep } from './lib.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'bin', 'snapblock.js');
 const SYS_PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ''}`;
 const MiB = 1024 * 1024;
@@ -74,21 +73,10 @@ const HELP = `usage: node bench/snapshots.mjs [options]
   --keep            keep the pools
 `;
 
-function parseSize(s) {
-  const m = /^(\d+(?:\.\d+)?)([kmgt]?)i?b?$/i.exec(String(s).trim());
-  if (!m) throw new Error(`bad size "${s}"`);
-  return Math.round(Number(m[1]) * { '': 1, k: 1024, m: MiB, g: GiB, t: 1024 * GiB }[m[2].toLowerCase()]);
-}
 
 function parseArgs(argv) {
   const o = { modes: ['row', 'cow', 'mirror'], runtime: 5, ramp: 1, burst: 1.5, fill: 256 * MiB, size: GiB, big: 64 * GiB, blockSize: 0, creates: 5, repeat: 1, paired: 3, points: [0, 1, 2, 4, 8, 16], out: path.join(ROOT, 'bench', 'results'), dir: os.tmpdir(), chart: true, keep: false };
-  const list = (v) => String(v).split(',').map((x) => x.trim()).filter(Boolean);
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => {
-      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
-      return argv[++i];
-    };
+  eachArg(argv, (a, val) => {
     switch (a) {
       case '--modes': o.modes = list(val()); break;
       case '--runtime': o.runtime = Number(val()); break;
@@ -111,7 +99,7 @@ function parseArgs(argv) {
       case '-h': case '--help': process.stdout.write(HELP); process.exit(0); break;
       default: throw new Error(`unknown option ${a}\n\n${HELP}`);
     }
-  }
+  });
   for (const m of o.modes) if (!['row', 'cow', 'mirror'].includes(m)) throw new Error(`unknown mode ${m}`);
   if (o.fill > o.size || o.fill % MiB) throw new Error('--fill must be a multiple of 1M and fit in --size');
   if (!o.points.length || o.points.some((p) => !Number.isInteger(p) || p < 0) || o.points.some((p, i) => i && p <= o.points[i - 1])) throw new Error('--points must be increasing non-negative integers');
@@ -134,7 +122,6 @@ process.on('exit', () => {
 });
 for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const log = (s) => process.stderr.write(`${new Date().toISOString().slice(11, 19)} ${s}\n`);
 
 function run(cmd, args, opts = {}) {
