@@ -81,7 +81,11 @@ export class Session {
         this.queue.push(view);
         this.pump();
         // The view's memory is reused by the next read: keep a copy of what is still queued.
-        if (this.queue.length) this.queue.push(Buffer.from(this.queue.take(this.queue.length)));
+        if (this.queue.length) {
+          const rest = Buffer.allocUnsafe(this.queue.length);
+          this.queue.takeInto(rest, 0, rest.length);
+          this.queue.push(rest);
+        }
       },
     });
     this.socket = this.direct?.socket ?? neg.socket;

@@ -4,6 +4,27 @@ import * as native from '../native/index.js';
 import type { Extent } from '../block/layer.js';
 import { mergeExtents } from './volume.js';
 
+/**
+ * Pieces of one buffer laid out on disk, gathered as runs contiguous both on disk and in the
+ * buffer, so that a request over many small blocks costs one syscall and one buffer view per
+ * run rather than per block.
+ */
+export class DiskRuns {
+  private readonly runs: Array<{ at: number; start: number; len: number }> = [];
+
+  /** buffer bytes [start, start + len) belong at file offset `at` */
+  add(at: number, start: number, len: number): void {
+    const run = this.runs[this.runs.length - 1];
+    if (run && run.at + run.len === at && run.start + run.len === start) run.len += len;
+    else this.runs.push({ at, start, len });
+  }
+
+  /** the runs as (file offset, view of buf) pieces for readRuns / writeRuns */
+  pieces(buf: Buffer): Array<{ at: number; buf: Buffer }> {
+    return this.runs.map((r) => ({ at: r.at, buf: buf.subarray(r.start, r.start + r.len) }));
+  }
+}
+
 /** pwrite each piece, merging pieces that are contiguous on disk into one vectored write. */
 export async function writeRuns(fd: number, pieces: Array<{ at: number; buf: Buffer }>): Promise<void> {
   const jobs: Promise<void>[] = [];

@@ -14,7 +14,7 @@ import type { BlockLayer, Extent } from '../block/layer.js';
 import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
-import { readRuns, writeRuns } from './io.js';
+import { DiskRuns, readRuns, writeRuns } from './io.js';
 import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
 
@@ -275,13 +275,7 @@ export class RowVolume extends Volume {
     for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
     this.dataDirty = true;
     const newest = this.newest();
-    // Pieces contiguous on disk and in the payload become one run (see readView).
-    const runs: Array<{ at: number; start: number; len: number }> = [];
-    const inPlace = (at: number, start: number, len: number) => {
-      const run = runs[runs.length - 1];
-      if (run && run.at + run.len === at && run.start + run.len === start) run.len += len;
-      else runs.push({ at, start, len });
-    };
+    const inPlace = new DiskRuns();
     const redirects: Promise<void>[] = [];
     for (let l = first; l <= last; l++) {
       const bo = l === first ? offset - l * bs : 0;
@@ -290,7 +284,7 @@ export class RowVolume extends Volume {
       const cur = this.table.ptr(l);
       const shared = newest !== undefined && this.table.birth(l) <= newest.gen;
       if (cur !== UNALLOCATED && cur !== ZERO && !shared) {
-        inPlace((cur - 1) * bs + bo, start, n);
+        inPlace.add((cur - 1) * bs + bo, start, n);
       } else if (cur === ZERO || (cur === UNALLOCATED && !this.opts.base)) {
         // A fresh or punched block reads as zeroes outside what we write.
         // Recorded at once: until the data lands the block reads as zeroes, which is what
@@ -299,13 +293,12 @@ export class RowVolume extends Volume {
         const p = this.allocate();
         this.table.set(l, p + 1, this.meta.gen);
         this.journal.append(Kind.MAP, l, p + 1, this.meta.gen);
-        inPlace(p * bs + bo, start, n);
+        inPlace.add(p * bs + bo, start, n);
       } else {
         redirects.push(this.redirect(l, bo, data.subarray(start, start + n), newest));
       }
     }
-    const pieces = runs.map((r) => ({ at: r.at, buf: data.subarray(r.start, r.start + r.len) }));
-    await Promise.all([writeRuns(this.fd, pieces), ...redirects]);
+    await Promise.all([writeRuns(this.fd, inPlace.pieces(data)), ...redirects]);
   }
 
   /** Copy-merge a block into a newly allocated one: shared with a snapshot, or a clone block still in its base. */
@@ -404,9 +397,7 @@ export class RowVolume extends Volume {
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
     for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
-    // Blocks that follow each other on disk as in the volume become one run (one syscall,
-    // no per-block buffer views): small blocks must not make large reads expensive.
-    const runs: Array<{ at: number; start: number; len: number }> = [];
+    const runs = new DiskRuns();
     const baseReads: Promise<void>[] = [];
     for (let l = first; l <= last; l++) {
       const bo = l === first ? offset - l * bs : 0;
@@ -414,17 +405,13 @@ export class RowVolume extends Volume {
       const n = Math.min(bs - bo, length - start);
       const p = this.resolve(snap, l);
       if (p !== UNALLOCATED && p !== ZERO) {
-        const at = (p - 1) * bs + bo;
-        const run = runs[runs.length - 1];
-        if (run && run.at + run.len === at && run.start + run.len === start) run.len += n;
-        else runs.push({ at, start, len: n });
+        runs.add((p - 1) * bs + bo, start, n);
       } else if (p === UNALLOCATED && this.opts.base && l * bs + bo < this.opts.base.size) {
         const dst = out.subarray(start, start + n);
         baseReads.push(this.opts.base.read(l * bs + bo, n).then((b) => void b.copy(dst)));
       } else out.fill(0, start, start + n);
     }
-    const pieces = runs.map((r) => ({ at: r.at, buf: out.subarray(r.start, r.start + r.len) }));
-    await Promise.all([readRuns(this.fd, pieces), ...baseReads]);
+    await Promise.all([readRuns(this.fd, runs.pieces(out)), ...baseReads]);
     return out;
   }
 
