@@ -90,13 +90,22 @@ pid_of() { # name (mon|osd|rgw) -> prints its pid if running
 }
 running() { pid_of "$1" >/dev/null; }
 
-# Is anything listening on 127.0.0.1:PORT? (pitfall 8: a `ceph` command pointed
-# at another cluster's mon talks to it without complaint)
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Is 127.0.0.1:PORT in use? Listening (pitfall 8: a `ceph` command pointed at
+# another cluster's mon talks to it without complaint) or held by any socket,
+# such as a client's ephemeral port, which also makes a later bind fail.
+port_busy() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+  command -v ss >/dev/null && [ -n "$(ss -Htan "sport = :$1" 2>/dev/null)" ]
+}
+# Picked ports lie below the kernel's ephemeral range, so no outgoing
+# connection or port-0 listener of another process can take them between a
+# stop and the next start (a CI run once lost rgw's port that way).
 pick_port() {
-  local p i
+  local p i lo
+  lo=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$lo" -gt 12000 ] 2>/dev/null || lo=32768
   for i in $(seq 1 200); do
-    p=$((20000 + RANDOM % 20000))
+    p=$((lo - 10000 + RANDOM % 10000))
     port_busy "$p" || { echo "$p"; return; }
   done
   die "no free port found"
@@ -282,6 +291,16 @@ EOF
 fi
 
 . "$D/ports"
+# rgw's port lives only in the config, so a taken one is replaced rather than
+# fatal (the mon's is baked into the monmap).
+if ! running rgw && [ -z "${S3_RGW_PORT:-}" ] && port_busy "$RGW_PORT"; then
+  old_port=$RGW_PORT
+  RGW_PORT=$(pick_port)
+  while [ "$RGW_PORT" = "$MON_PORT" ]; do RGW_PORT=$(pick_port); done
+  sed -i "s/^rgw_frontends = beast endpoint=127.0.0.1:.*/rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT/" "$CONF"
+  printf 'MON_PORT=%s\nRGW_PORT=%s\n' "$MON_PORT" "$RGW_PORT" >"$D/ports"
+  log "rgw port $old_port is taken; moved to $RGW_PORT"
+fi
 for n in mon rgw; do
   port=$([ $n = mon ] && echo "$MON_PORT" || echo "$RGW_PORT")
   if ! running $n && port_busy "$port"; then
