@@ -592,3 +592,54 @@ describe.skipIf(netnsProbe !== undefined)('replication to a secondary in another
     }
   });
 });
+
+describe('writes while no replication session is connected are logged and resynced', () => {
+  const compare = (x: string, y: string) => {
+    const cmp = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', x, y]);
+    expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+  };
+  const dropBackend = (pool: string) => {
+    const f = path.join(pool, 'catalog.json');
+    const cat = JSON.parse(fs.readFileSync(f, 'utf8'));
+    delete cat.backends.b;
+    fs.writeFileSync(f, JSON.stringify(cat, null, 2) + '\n');
+  };
+
+  for (const repl of ['async', 'sync'] as const) {
+    it(`${repl}: secondary down when the primary starts, then its backend missing: every write reaches the secondary once it is back`, async () => {
+      const { a, b, aPool } = await pair({ repl, onLinkLoss: 'degrade' });
+      ok(aPool, ['volume', 'create', 'g', '64M', '--type', 'repl']);
+      await until('link up', async () => (await status(a, 'g')).link === 'replicating');
+      qio(a.uri('g'), 'write -P 0x11 0 8M');
+      await until('in sync', inSync(a, 'g'));
+      await until('covered', async () => (await status(a, 'g')).unflushedRegions === 0);
+      // Clean stops: the region log keeps nothing (the secondary has everything).
+      await a.stop();
+      await b.stop();
+      running.splice(0);
+
+      // 1. The primary starts while the secondary is down.
+      const a2 = await serve(aPool);
+      qio(a2.uri('g'), 'write -P 0x21 1M 64k', 'write -P 0x22 20M 2M', 'write -z 4M 64k', 'discard 6M 1M');
+      await until('link down', async () => (await status(a2, 'g')).replication_status === 'error');
+      const b2 = await serve(b.pool);
+      await until('resynced', inSync(a2, 'g'), 60_000);
+      compare(a2.uri('g'), b2.uri('g'));
+      await until('covered', async () => (await status(a2, 'g')).unflushedRegions === 0);
+      await a2.stop();
+      await b2.stop();
+      running.splice(0);
+
+      // 2. The primary starts with its backend missing from the catalog (no session at all).
+      dropBackend(aPool);
+      const a3 = await serve(aPool);
+      expect((await status(a3, 'g')).replication_status).toBe('error');
+      qio(a3.uri('g'), 'write -P 0x31 2M 64k', 'write -P 0x32 40M 3M', 'write -z 0 4k');
+      const b3 = await serve(b.pool);
+      ok(aPool, ['backend', 'add', 'b', `nbd+unix:///?socket=${b3.socket}`]); // through the running server
+      await until('resynced after the backend came back', inSync(a3, 'g'), 60_000);
+      compare(a3.uri('g'), b3.uri('g'));
+      qio(b3.uri('g'), 'read -P 0x31 2M 64k', 'read -P 0x32 40M 3M', 'read -P 0x21 1M 64k');
+    });
+  }
+});

@@ -63,8 +63,10 @@ export const replicationOperations = {
       const r = p.replicationOf(a.volume);
       if (r && r.state !== 'disabled') throw new PoolError('EBUSY', `volume "${a.volume}" is already replicated (${r.role}, ${r.state}); disable it first`);
       const next: VolumeReplication = { mode: a.mode, backendId: a.backendId, onLinkLoss: a.onLinkLoss, role: 'primary', state: 'enabled', changed: new Date().toISOString() };
+      // The log first (full initial sync, holes skipped): a write arriving once the volume
+      // is a replicating primary starts a session, which must find the log all set.
+      await markForResync(p, a.volume);
       p.setVolumeReplication(a.volume, next);
-      await markForResync(p, a.volume); // full initial sync (holes skipped)
       await serviceOf(p)?.startSession(a.volume);
       return statusOf(p, a.volume);
     },

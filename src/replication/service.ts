@@ -75,7 +75,16 @@ export class ReplicationService {
   async reconcile(): Promise<void> {
     if (this.stopped) return;
     for (const { name, replication: r } of this.pool.replicatedVolumes()) {
-      if (r.role === 'primary' && r.state === 'enabled' && r.backendId && !this.sessions.has(name) && !this.paused.has(name)) await this.startSession(name).catch((err) => this.log.error({ err, volume: name }, 'cannot start replication'));
+      if (r.role !== 'primary' || r.state !== 'enabled' || !r.backendId || this.paused.has(name)) continue;
+      const s = this.sessions.get(name);
+      if (!s) await this.startSession(name).catch((err) => this.log.error({ err, volume: name }, 'cannot start replication'));
+      else if (s.offline) {
+        const backend = this.pool.backends()[r.backendId];
+        if (backend) {
+          this.log.info({ volume: name, backend: r.backendId, uri: backend.uri }, 'replication backend configured: connecting');
+          s.attachBackend(backend.uri);
+        }
+      }
     }
     for (const [name, s] of this.sessions) {
       let r: VolumeReplication | undefined;
@@ -101,18 +110,17 @@ export class ReplicationService {
     if (this.paused.has(volume) && !opts.resuming) return undefined;
     const r = this.pool.replicationOf(volume);
     if (!r || r.role !== 'primary' || r.state !== 'enabled' || !r.backendId) return undefined;
-    const backend = this.pool.backends()[r.backendId];
     const local = await this.pool.volume(volume);
     if (this.sessions.has(volume)) return this.sessions.get(volume);
-    if (!backend) {
-      this.log.error({ volume, backend: r.backendId }, 'replication backend is not configured (snapblock backend add)');
-      return undefined;
-    }
+    // Without a backend the session still runs, offline: every write is logged as dirty
+    // (resynced once the backend is configured, see reconcile).
+    const backend = this.pool.backends()[r.backendId];
+    if (!backend) this.log.error({ volume, backend: r.backendId }, 'replication backend is not configured (snapblock backend add); writes are tracked as dirty regions');
     const s = new ReplicationSession({
       volume,
       local,
       settings: r,
-      backendUri: backend.uri,
+      backendUri: backend?.uri,
       logFile: regionLogPath(this.pool, volume),
       log: this.log.child({ replication: volume }),
       regionSize: regionSizeFor(local.blockSize),
@@ -122,8 +130,38 @@ export class ReplicationService {
     });
     this.sessions.set(volume, s);
     s.start();
-    this.log.info({ volume, mode: r.mode, backend: r.backendId, uri: backend.uri }, 'replication session started');
+    this.log.info({ volume, mode: r.mode, backend: r.backendId, uri: backend?.uri }, 'replication session started');
     return s;
+  }
+
+  /**
+   * The session every write to a volume goes through, started on demand: a replicating
+   * primary's writes are never issued without one (they would be neither shipped nor
+   * logged, and a later resync would miss them). undefined: not a replicating primary
+   * here (plain, fenced or disabled volume). Throws when the session cannot start: the
+   * write is refused rather than left unrecorded.
+   */
+  async sessionFor(volume: string): Promise<ReplicationSession | undefined> {
+    for (;;) {
+      const s = this.sessions.get(volume);
+      if (s) return s;
+      const pause = this.paused.get(volume);
+      if (pause) {
+        await pause.done;
+        continue;
+      }
+      if (!isReplicatingPrimary(this.pool, volume)) return undefined;
+      if (this.stopped) throw new BlockError('ESHUTDOWN', 'replication is stopping');
+      let started: ReplicationSession | undefined;
+      try {
+        started = await this.startSession(volume);
+      } catch (err) {
+        this.log.error({ err, volume }, 'cannot start replication; refusing the write (it could not be logged)');
+        throw new BlockError('EIO', `replication of "${volume}" cannot start (${(err as Error).message}); the write was not issued`);
+      }
+      if (started) return started;
+      if (!this.paused.has(volume) && isReplicatingPrimary(this.pool, volume)) throw new BlockError('EIO', `replication of "${volume}" has no session; the write was not issued`);
+    }
   }
 
   private markFailedOver(volume: string, reason: string): void {
@@ -180,6 +218,7 @@ export class ReplicationService {
     if (!r) return undefined;
     if (r.state === 'failed-over' && r.role === 'secondary') return `volume "${volume}" has been failed over to backend "${r.activeBackendId}"; run failback to make it writable here again`;
     if (r.role === 'secondary') return `volume "${volume}" is a replication secondary; promote it with "snapblock failover ${volume}" to write it`;
+    if (r.state === 'failover-error') return `volume "${volume}" was fenced by a failover that could not promote its secondary; run failover against the secondary's pool`;
     return undefined;
   }
 
@@ -256,11 +295,13 @@ export class ReplicationService {
 
   /** Copy every region again (e.g. after a rollback, which bypasses the export). */
   async resync(volume: string): Promise<void> {
-    const s = this.sessions.get(volume);
-    this.sessions.delete(volume);
-    if (s) await s.stop();
-    await markForResync(this.pool, volume);
-    await this.startSession(volume);
+    // Writes through the export wait while the session is replaced (as for a resize).
+    await this.pauseSession(volume, { drainMs: 0 });
+    try {
+      await markForResync(this.pool, volume);
+    } finally {
+      await this.resumeSession(volume);
+    }
   }
 
   // ---------------------------------------------------------------- writes behind the export's back
@@ -275,14 +316,14 @@ export class ReplicationService {
   }
 
   /** Stop the session for a resize; writes through the export wait until resumeSession. */
-  async pauseSession(volume: string): Promise<void> {
+  async pauseSession(volume: string, opts: { drainMs?: number } = {}): Promise<void> {
     if (this.paused.has(volume)) return;
     let release!: () => void;
     this.paused.set(volume, { done: new Promise<void>((r) => (release = r)), release });
     await this.drainWrites(volume);
     const s = this.sessions.get(volume);
     this.sessions.delete(volume);
-    if (s) await s.stop({ drainMs: 10_000 });
+    if (s) await s.stop({ drainMs: opts.drainMs ?? 10_000 });
   }
 
   async resumeSession(volume: string): Promise<void> {
@@ -324,10 +365,11 @@ export class ReplicationService {
       await s.stop();
       throw new PoolError('EINVAL', `failover of "${volume}" fenced it here but could not promote the secondary (${(err as Error).message}); run failover against the secondary's pool`);
     }
-    this.sessions.delete(volume);
-    await s.stop();
+    // The catalog first: from then on writes are fenced, none starts a new session.
     const next: VolumeReplication = { ...r, role: 'secondary', state: 'failed-over', activeBackendId: r.backendId, changed: new Date().toISOString() };
     this.pool.setVolumeReplication(volume, next);
+    this.sessions.delete(volume);
+    await s.stop();
     return next;
   }
 
@@ -451,7 +493,8 @@ addBypassHook({
       return;
     }
     const regions = regionsOf(await v.changedExtents(change.snapshot, undefined), rs);
-    const s = svc?.session(volume);
+    // (with a server, through its session — started if need be: one writer of the log file)
+    const s = svc ? await svc.sessionFor(volume) : undefined;
     if (s) await s.beginBypass(regions);
     else {
       const rlog = RegionLog.open(regionLogPath(pool, volume), v.size, rs);
@@ -503,33 +546,36 @@ class ReplicatedExport implements BlockLayer {
     return this.layer.caps;
   }
 
-  private guard(): ReplicationSession | undefined {
+  /**
+   * The session a write goes through, or undefined for a volume that is not a replicating
+   * primary. A replicating primary's write never bypasses a session (not yet started at
+   * start-up, backend missing, being replaced): it waits for one, so it is logged.
+   */
+  private async route(): Promise<ReplicationSession | undefined> {
+    await this.svc.settled(this.volume);
     const why = this.svc.fenceReason(this.volume);
     if (why) throw new BlockError('EPERM', why);
-    return this.svc.session(this.volume);
+    return this.svc.session(this.volume) ?? this.svc.sessionFor(this.volume);
   }
 
   read(offset: number, length: number): Promise<Buffer> {
     return this.layer.read(offset, length);
   }
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
-    await this.svc.settled(this.volume);
-    const s = this.guard();
+    const s = await this.route();
     return this.svc.track(this.volume, s ? s.write(offset, data, flags) : this.layer.write(offset, data, flags));
   }
   async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
-    await this.svc.settled(this.volume);
-    const s = this.guard();
+    const s = await this.route();
     return this.svc.track(this.volume, s ? s.trim(offset, length, flags) : this.layer.trim(offset, length, flags));
   }
   async zero(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
-    await this.svc.settled(this.volume);
-    const s = this.guard();
+    const s = await this.route();
     return this.svc.track(this.volume, s ? s.zero(offset, length, flags) : this.layer.zero(offset, length, flags));
   }
   async flush(): Promise<void> {
     await this.svc.settled(this.volume);
-    const s = this.svc.session(this.volume);
+    const s = this.svc.session(this.volume) ?? (await this.svc.sessionFor(this.volume));
     return s ? s.flush() : this.layer.flush();
   }
   extents(offset: number, length: number): Promise<Extent[]> {

@@ -30,7 +30,8 @@ export interface SessionOptions {
   volume: string;
   local: Volume;
   settings: VolumeReplication;
-  backendUri: string;
+  /** undefined: the backend is not configured (yet); writes are only logged as dirty until attachBackend */
+  backendUri?: string;
   logFile: string;
   log: Logger;
   regionSize: number;
@@ -132,6 +133,24 @@ export class ReplicationSession {
   start(): void {
     this.timer = setInterval(() => void this.cleanCycle(), 1000);
     this.timer.unref();
+    if (this.o.backendUri === undefined) {
+      this.link = 'error';
+      this.lastError = `backend "${this.o.settings.backendId}" is not configured`;
+      return;
+    }
+    this.reconnect();
+  }
+
+  get offline(): boolean {
+    return this.o.backendUri === undefined;
+  }
+
+  /** The backend has been configured since the session started: connect and resync what was written meanwhile. */
+  attachBackend(uri: string): void {
+    if (this.o.backendUri !== undefined || this.stopped) return;
+    this.o.backendUri = uri;
+    this.link = 'connecting';
+    this.lastError = undefined;
     this.reconnect();
   }
 
@@ -494,7 +513,7 @@ export class ReplicationSession {
   }
 
   private reconnect(): void {
-    if (this.connecting || this.stopped) return;
+    if (this.connecting || this.stopped || this.o.backendUri === undefined) return;
     this.connecting = this.connectLoop().finally(() => (this.connecting = undefined));
   }
 
@@ -505,7 +524,7 @@ export class ReplicationSession {
       try {
         const s = this.o.settings;
         c = await connectPeer(
-          this.o.backendUri,
+          this.o.backendUri!,
           { volume: this.o.volume, op: 'push', size: this.size, blockSize: this.o.local.blockSize, mode: this.o.local.mode, replMode: s.mode },
           { timeoutMs: this.o.timeoutMs, allocation: true },
         );
