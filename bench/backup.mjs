@@ -141,7 +141,7 @@ async function backup(label, incremental) {
   const r = await createBackup(ctx, { server, volume: 'vol', incremental });
   const secs = now() - t;
   const cpu = cpuSecs() - c0;
-  const row = { label, id: r.id, kind: r.kind, secs: +secs.toFixed(2), readMiB: +(r.readBytes / MiB).toFixed(1), uploadedChunks: r.uploadedChunks, uploadedMiB: +(r.uploadedBytes / MiB).toFixed(1), existingChunks: r.existingChunks, readMiBps: +(r.readBytes / MiB / secs).toFixed(1), clientCpuSecs: +cpu.toFixed(2), clientCpuSecsPerGiB: r.readBytes ? +(cpu / (r.readBytes / GiB)).toFixed(2) : null, headRequests: store.stats.heads - heads0, listRequests: store.stats.lists - lists0, loadavg: os.loadavg()[0], snapshot: r.snapshot };
+  const row = { label, id: r.id, kind: r.kind, secs: +secs.toFixed(2), readMiB: +(r.readBytes / MiB).toFixed(1), uploadedChunks: r.uploadedChunks, uploadedObjects: r.uploadedObjects, uploadedMiB: +(r.uploadedBytes / MiB).toFixed(1), existingChunks: r.existingChunks, readMiBps: +(r.readBytes / MiB / secs).toFixed(1), clientCpuSecs: +cpu.toFixed(2), clientCpuSecsPerGiB: r.readBytes ? +(cpu / (r.readBytes / GiB)).toFixed(2) : null, headRequests: store.stats.heads - heads0, listRequests: store.stats.lists - lists0, loadavg: os.loadavg()[0], snapshot: r.snapshot };
   backupRuns.push(row);
   say(`${label}: ${JSON.stringify(row)}`);
   return row;

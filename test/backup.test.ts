@@ -98,6 +98,10 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
     } while (token);
     return keys;
   };
+  const manifestOf = async (id: string) => {
+    const r = await c.send(new GetObjectCommand({ Bucket: bucket, Key: `backups/${id}.json` }));
+    return JSON.parse(await r.Body!.transformToString()) as { version: number; chunks: Array<[number, number, string, string, number, string?, number?]> };
+  };
   const snapshotsOf = (vol: string) => JSON.parse(srv.cli(['snapshot', 'list', vol, '--json']).stdout) as Array<{ name: string }>;
 
   interface Created {
@@ -109,6 +113,7 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
     readBytes: number;
     chunks: number;
     uploadedChunks: number;
+    uploadedObjects: number;
     existingChunks: number;
     resumedChunks: number;
     retries: number;
@@ -156,6 +161,7 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
     expect(full.readBytes).toBe(6 * MiB + 1 * MiB + 512 * 1024); // holes never read
     expect(full.chunks).toBe(4);
     expect(full.uploadedChunks).toBe(4);
+    expect(full.uploadedObjects).toBe(4); // a full backup stores every chunk as its own object
     bk(['restore', full.id, 'vol-r1']);
     expect(compare(uri(srv, `vol@${full.snapshot}`), uri(srv, 'vol-r1')).status).toBe(0);
     // the compressible chunk is stored compressed, the random ones raw
@@ -184,7 +190,10 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
     expect(incr.parent).toBe(full.id);
     expect(incr.readBytes).toBeLessThanOrEqual(64 * 1024 + 128 * 1024 + 1 * MiB);
     expect(incr.uploadedChunks).toBe(2);
-    expect((await listKeys('chunks/')).length).toBe(before + 2);
+    // two small pieces of an incremental: one pack object (manifest version 2)
+    expect(incr.uploadedObjects).toBe(1);
+    expect((await listKeys('chunks/')).length).toBe(before + 1);
+    expect((await manifestOf(incr.id)).version).toBe(2);
     // the full backup's snapshot was taken by the sidecar and is no longer needed
     expect(snapshotsOf('vol').map((s) => s.name)).toEqual([incr.snapshot]);
     bk(['restore', incr.id, 'vol-r2']);
@@ -301,6 +310,80 @@ describe('backup sidecar (S3: Ceph RGW)', () => {
       await other.stop();
     }
   }, 180_000);
+
+  it('scattered small changes share one pack (manifest version 2): restore and verify are byte-exact, a damaged pack is named precisely', async () => {
+    expect(srv.cli(['volume', 'create', 'packs', '32M']).status).toBe(0);
+    writeData(srv, 'packs', 0, randomBytes(256 * 1024));
+    const f = bk<Created>(['create', 'packs']);
+    expect((await manifestOf(f.id)).version).toBe(1); // nothing packed: the version-1 form
+    for (let i = 0; i < 6; i++) writeData(srv, 'packs', (4 * i + 1) * MiB + 4096 * i, randomBytes(64 * 1024 * (i + 1)));
+    qemuIo(srv, 'packs', `write -P 0x61 ${30 * MiB} 256k`); // compressible: stored br inside the pack
+    const before = (await listKeys('chunks/')).length;
+    const inc = bk<Created>(['create', 'packs', '--incremental']);
+    expect(inc.kind).toBe('incremental');
+    expect(inc.uploadedChunks).toBe(7);
+    expect(inc.uploadedObjects).toBe(1);
+    const added = (await listKeys('chunks/')).slice(0);
+    expect(added.length).toBe(before + 1);
+    const m = await manifestOf(inc.id);
+    expect(m.version).toBe(2);
+    expect(m.chunks.every((e) => e.length === 7 && e[5] === m.chunks[0][5])).toBe(true);
+    expect(m.chunks.some((e) => e[3] === 'br')).toBe(true);
+    bk(['restore', inc.id, 'packs-r1']);
+    expect(compare(uri(srv, `packs@${inc.snapshot}`), uri(srv, 'packs-r1')).status).toBe(0);
+    expect(bk<{ ok: boolean; chunks: number }>(['verify', inc.id])).toMatchObject({ ok: true, chunks: 8 });
+    // an incremental on top of it reuses nothing it does not need and restores the whole chain
+    writeData(srv, 'packs', 9 * MiB, randomBytes(4096));
+    const inc2 = bk<Created>(['create', 'packs', '--incremental']);
+    bk(['restore', inc2.id, 'packs-r2']);
+    expect(compare(uri(srv, `packs@${inc2.snapshot}`), uri(srv, 'packs-r2')).status).toBe(0);
+    // one flipped byte inside the third chunk of the pack: verify names that chunk, restore refuses
+    const victim = m.chunks[2];
+    const key = `chunks/${victim[5]!.slice(0, 2)}/${victim[5]}.pack`;
+    const body = await c.send(new GetObjectCommand({ Bucket: bucket, Key: key }));
+    const bytes = Buffer.from(await body.Body!.transformToByteArray());
+    bytes[victim[6]! + 10] ^= 0xff;
+    await c.send(new PutObjectCommand({ Bucket: bucket, Key: key, Body: bytes }));
+    const vj = JSON.parse(sb(srv.pool, ['backup', 'verify', inc.id, '--json', '--progress', 'none']).stdout) as { ok: boolean; problems: Array<{ backup: string; offset: number; key: string; problem: string }> };
+    expect(vj.ok).toBe(false);
+    expect(vj.problems).toEqual([expect.objectContaining({ backup: inc.id, offset: victim[0], key, problem: 'corrupt' })]);
+    const r = sb(srv.pool, ['backup', 'restore', inc.id, 'packs-bad', '--progress', 'none']);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain(key);
+    expect(srv.cli(['volume', 'info', 'packs-bad']).status).not.toBe(0);
+    bk(['delete', f.id, '--cascade']);
+  }, 180_000);
+
+  it('restores a backup whose manifest has the version-1 form (written before packs existed)', async () => {
+    // a hand-made version-1 bucket entry: a raw and a brotli chunk object, and a manifest
+    // with 5-field chunk entries, sealed as snapblock did before version 2
+    const { canonicalJson } = await import('../src/backup/manifest.js');
+    const zlib = await import('node:zlib');
+    const raw = randomBytes(1 * MiB);
+    const pattern = Buffer.alloc(512 * 1024, 0x5b);
+    const br = zlib.brotliCompressSync(pattern);
+    const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+    await c.send(new PutObjectCommand({ Bucket: bucket, Key: `chunks/${sha(raw).slice(0, 2)}/${sha(raw)}.raw`, Body: raw }));
+    await c.send(new PutObjectCommand({ Bucket: bucket, Key: `chunks/${sha(pattern).slice(0, 2)}/${sha(pattern)}.br`, Body: br }));
+    const id = 'legacy.20260101T000000Z.abcd';
+    const m: Record<string, unknown> = {
+      format: 'snapblock-backup', version: 1, id, kind: 'full', parent: null, snapshot: null,
+      created: '2026-01-01T00:00:00.000Z', completed: '2026-01-01T00:00:01.000Z',
+      source: { type: 'nbd', uri: 'nbd://127.0.0.1:10809/legacy', export: 'legacy' },
+      size: 8 * MiB, chunkSize: 4 * MiB,
+      chunks: [[1 * MiB, raw.length, sha(raw), 'raw', raw.length], [6 * MiB, pattern.length, sha(pattern), 'br', br.length]],
+      zeroed: [], stats: {}, checksum: '',
+    };
+    m.checksum = 'sha256:' + createHash('sha256').update(canonicalJson(m)).digest('hex');
+    await c.send(new PutObjectCommand({ Bucket: bucket, Key: `backups/${id}.json`, Body: JSON.stringify(m) }));
+    bk(['restore', id, 'legacy-r']);
+    const image = Buffer.alloc(8 * MiB);
+    raw.copy(image, 1 * MiB);
+    pattern.copy(image, 6 * MiB);
+    expect(imageSha(uri(srv, 'legacy-r'))).toBe(sha(image));
+    expect(bk<{ ok: boolean }>(['verify', id]).ok).toBe(true);
+    bk(['delete', id]);
+  }, 120_000);
 
   it('verify reports a corrupt or missing chunk precisely and restore refuses it', async () => {
     writeData(srv, 'other', 8 * MiB, randomBytes(2 * MiB)); // unique data: its own chunks

@@ -60,10 +60,24 @@ export function chunkKey(sha: string, codec: Codec): string {
   return `chunks/${sha.slice(0, 2)}/${sha}.${codec}`;
 }
 
-/** parse a chunk key back; undefined for anything else */
-export function parseChunkKey(key: string): { sha: string; codec: Codec } | undefined {
-  const m = /^chunks\/[0-9a-f]{2}\/([0-9a-f]{64})\.(raw|br)$/.exec(key);
-  return m ? { sha: m[1], codec: m[2] as Codec } : undefined;
+/**
+ * A pack (manifest version 2): the stored bytes of several small chunks one after the
+ * other, named by the sha256 of the whole object. Each chunk in it is still named by the
+ * sha256 of its own content in the manifest, which says where in the pack it lies.
+ */
+export function packKey(sha: string): string {
+  return `chunks/${sha.slice(0, 2)}/${sha}.pack`;
+}
+
+/** the object holding a manifest entry's stored bytes: its pack, or its own chunk object */
+export function objectKeyOf(e: readonly [number, number, string, Codec, number, string?, number?]): string {
+  return e[5] !== undefined ? packKey(e[5]) : chunkKey(e[2], e[3]);
+}
+
+/** parse a chunk or pack key back; undefined for anything else */
+export function parseChunkKey(key: string): { sha: string; codec: Codec | 'pack' } | undefined {
+  const m = /^chunks\/[0-9a-f]{2}\/([0-9a-f]{64})\.(raw|br|pack)$/.exec(key);
+  return m ? { sha: m[1], codec: m[2] as Codec | 'pack' } : undefined;
 }
 
 /** the codec this content will be stored with (deterministic) */

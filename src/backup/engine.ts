@@ -16,7 +16,7 @@
 // - Resume: every few seconds the chunks done so far are written to
 //   backups/<id>.partial.json; a new `backup create` of the same source finds it,
 //   skips the pieces it lists and continues. Nothing stored is uploaded twice.
-import { ChunkError, chooseCodec, chunkKey, decode, encode, isZero, sha256 } from './chunk.js';
+import { ChunkError, chooseCodec, chunkKey, decode, encode, isZero, objectKeyOf, packKey, sha256, type Codec } from './chunk.js';
 import { manifestKey, mergeRanges, partialKey, resolveImage, sealManifest, MANIFEST_FORMAT, MANIFEST_VERSION, type ChunkEntry, type Manifest, type Range, type Segment } from './manifest.js';
 import { createProgress, type ProgressMode } from './progress.js';
 import { intersect, planPieces, subtract, total } from './ranges.js';
@@ -82,7 +82,10 @@ export interface CreateResult {
   /** bytes of data (non-zero) in this backup's chunks */
   dataBytes: number;
   chunks: number;
+  /** new chunks stored (each in its own object or in a pack) */
   uploadedChunks: number;
+  /** objects PUT for them: chunk objects and packs */
+  uploadedObjects: number;
   uploadedBytes: number;
   /** chunks already in the store (dedup), found by HEAD or known from the parent chain */
   existingChunks: number;
@@ -274,7 +277,7 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
       checksum: '',
     };
     const entries: ChunkEntry[] = [...done.values()];
-    const stat = { readBytes: 0, dataBytes: 0, uploadedChunks: 0, uploadedBytes: 0, existingChunks: 0, resumedChunks: 0 };
+    const stat = { readBytes: 0, dataBytes: 0, uploadedChunks: 0, uploadedObjects: 0, uploadedBytes: 0, existingChunks: 0, resumedChunks: 0 };
 
     // in-progress journal: one write at a time, the latest state wins
     let journaling: Promise<void> = Promise.resolve();
@@ -302,56 +305,125 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     // bounded listing of chunks/ instead of a HEAD per chunk (both started now, awaited by
     // the first piece that needs them; neither when there is nothing to read). In a huge
     // bucket the listing stops at a budget and keys past its end are HEADed as before.
-    const knownP: Promise<Map<string, number>> = // chunk key -> stored size
-      parent && todo.length ? repo.chain(parent.id).then((chain) => new Map(chain.flatMap((m) => m.chunks.map((c) => [chunkKey(c[2], c[3]), c[4]] as [string, number])))) : Promise.resolve(new Map());
+    type Known = { stored: number; pack?: string; at?: number };
+    const knownP: Promise<Map<string, Known>> = // chunk key -> where its stored bytes are
+      parent && todo.length
+        ? repo.chain(parent.id).then((chain) => new Map(chain.flatMap((m) => m.chunks.map((c) => [chunkKey(c[2], c[3]), { stored: c[4], pack: c[5], at: c[6] }] as [string, Known]))))
+        : Promise.resolve(new Map());
     knownP.catch(() => {}); // awaited below; a failure surfaces there
     const index = todo.length ? ChunkIndex.load(store, todo.length * LIST_KEYS_PER_PIECE).catch(() => undefined) : Promise.resolve(undefined);
 
-    // Memory: `concurrency` uploads in flight plus READ_AHEAD pieces being read and
+    // Work units. A piece of at least half a chunk is one unit (its own chunk object, as in
+    // format version 1). In an incremental, smaller pieces are gathered in volume order into
+    // units of up to chunkSize bytes, read together and stored as one pack object (version
+    // 2): on RGW a 1 MiB PUT costs the endpoint nearly what a 4 MiB one does, so scattered
+    // small changes would otherwise cost an object each (docs/BACKUP.md, "Packs").
+    const units: Range[][] = [];
+    {
+      let open: Range[] | undefined;
+      let openBytes = 0;
+      for (const p of todo) {
+        if (!parent || p[1] >= chunkSize / 2) {
+          units.push([p]);
+          continue;
+        }
+        if (!open || openBytes + p[1] > chunkSize) {
+          open = [];
+          openBytes = 0;
+          units.push(open);
+        }
+        open.push(p);
+        openBytes += p[1];
+      }
+    }
+
+    // Memory: `concurrency` uploads in flight plus READ_AHEAD units being read and
     // hashed meanwhile, each in one reused chunk-sized buffer (plus a compressed copy
     // for a compressible chunk while it uploads).
     const free: Buffer[] = [];
     const uploads = semaphore(concurrency);
     const progress = createProgress(`backup ${id}`, ctx.progress);
     progress.setTotal(total(pieces));
+    for (const [o, l] of pieces) if (done.has(`${o}:${l}`)) (stat.resumedChunks++, progress.add(l));
     let count = 0;
     try {
-      await forEachLimit(pieces, concurrency + READ_AHEAD, async ([offset, length]) => {
-        if (opts.failAfterPieces !== undefined && count++ >= opts.failAfterPieces) throw new Error('failAfterPieces (test hook)');
-        if (done.has(`${offset}:${length}`)) {
-          stat.resumedChunks++;
-          progress.add(length);
-          return;
-        }
+      await forEachLimit(units, concurrency + READ_AHEAD, async (unit) => {
+        if (opts.failAfterPieces !== undefined && (count += unit.length) > opts.failAfterPieces) throw new Error('failAfterPieces (test hook)');
         const mem = free.pop() ?? Buffer.allocUnsafeSlow(chunkSize);
         try {
-          const buf = await readRange(nbd!, offset, length, mem);
-          stat.readBytes += length;
-          if (isZero(buf)) {
-            if (parent) zeroPieces.push([offset, length]);
-          } else {
+          // the unit's pieces one after the other in mem, read at the same time
+          const bufs: Buffer[] = [];
+          let at = 0;
+          for (const [, l] of unit) bufs.push(mem.subarray(at, (at += l)));
+          await Promise.all(unit.map(([o, l], i) => readRange(nbd!, o, l, bufs[i])));
+          const fresh: Array<{ o: number; l: number; sha: string; codec: Codec; key: string; buf: Buffer }> = [];
+          for (let i = 0; i < unit.length; i++) {
+            const [o, l] = unit[i];
+            const buf = bufs[i];
+            stat.readBytes += l;
+            if (isZero(buf)) {
+              if (parent) zeroPieces.push([o, l]);
+              continue;
+            }
             const sha = sha256(buf);
             const codec = chooseCodec(buf);
             const key = chunkKey(sha, codec);
             const known = await knownP;
-            let stored = known.get(key);
-            if (stored === undefined) stored = (await index)?.lookup(key);
-            if (stored === undefined && !(await index)?.covers(key)) stored = await store.head(key);
-            if (stored === undefined) {
-              const enc = await encode(buf, codec, sha);
-              await uploads.run(() => store.put(key, enc.body, { sha256: enc.sha }));
-              stored = enc.body.length;
-              stat.uploadedChunks++;
-              stat.uploadedBytes += stored;
-            } else stat.existingChunks++;
-            known.set(key, stored);
-            stat.dataBytes += length;
-            entries.push([offset, length, sha, codec, stored]);
+            let k = known.get(key);
+            if (!k) {
+              const idx = await index;
+              let stored = idx?.lookup(key);
+              if (stored === undefined && !idx?.covers(key)) stored = await store.head(key);
+              if (stored !== undefined) k = { stored };
+            }
+            stat.dataBytes += l;
+            if (k) {
+              stat.existingChunks++;
+              known.set(key, k);
+              entries.push(k.pack !== undefined ? [o, l, sha, codec, k.stored, k.pack, k.at!] : [o, l, sha, codec, k.stored]);
+            } else fresh.push({ o, l, sha, codec, key, buf });
+          }
+          if (fresh.length === 1) {
+            // one new chunk: its own object
+            const f = fresh[0];
+            const enc = await encode(f.buf, f.codec, f.sha);
+            await uploads.run(() => store.put(f.key, enc.body, { sha256: enc.sha }));
+            stat.uploadedChunks++;
+            stat.uploadedObjects++;
+            stat.uploadedBytes += enc.body.length;
+            (await knownP).set(f.key, { stored: enc.body.length });
+            entries.push([f.o, f.l, f.sha, f.codec, enc.body.length]);
+          } else if (fresh.length > 1) {
+            // several: one pack, their stored bytes one after the other, moved down in mem
+            // over the pieces that need no upload (no new buffer unless one grew compressed)
+            const encs = await Promise.all(fresh.map((f) => encode(f.buf, f.codec, f.sha)));
+            let body: Buffer;
+            if (encs.every((e, i) => e.body.length <= fresh[i].l)) {
+              let pos = 0;
+              for (const e of encs) {
+                if (e.body.buffer !== mem.buffer || e.body.byteOffset !== mem.byteOffset + pos) e.body.copy(mem, pos);
+                pos += e.body.length;
+              }
+              body = mem.subarray(0, pos);
+            } else body = Buffer.concat(encs.map((e) => e.body));
+            const packSha = sha256(body);
+            await uploads.run(() => store.put(packKey(packSha), body, { sha256: packSha }));
+            stat.uploadedChunks += fresh.length;
+            stat.uploadedObjects++;
+            stat.uploadedBytes += body.length;
+            const known = await knownP;
+            let pos = 0;
+            fresh.forEach((f, i) => {
+              const stored = encs[i].body.length;
+              entries.push([f.o, f.l, f.sha, f.codec, stored, packSha, pos]);
+              known.set(f.key, { stored, pack: packSha, at: pos });
+              pos += stored;
+            });
           }
         } finally {
           free.push(mem);
         }
-        progress.add(length);
+        progress.add(total(unit));
         if (Date.now() - lastJournal > JOURNAL_MS) void journal().catch(() => {});
       });
     } catch (err) {
@@ -415,6 +487,7 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
       dataBytes: stat.dataBytes,
       chunks: entries.length,
       uploadedChunks: stat.uploadedChunks,
+      uploadedObjects: stat.uploadedObjects,
       uploadedBytes: stat.uploadedBytes,
       existingChunks: stat.existingChunks,
       resumedChunks: stat.resumedChunks,
@@ -460,14 +533,58 @@ function groupByChunk(segs: Segment[]): Segment[][] {
   for (const s of segs) {
     const last = groups[groups.length - 1];
     const l = last?.[last.length - 1];
-    if (l && l.sha === s.sha && l.codec === s.codec && l.offset - l.within === s.offset - s.within) last.push(s);
+    if (l && l.sha === s.sha && l.codec === s.codec && l.pack === s.pack && l.packAt === s.packAt && l.offset - l.within === s.offset - s.within) last.push(s);
     else groups.push([s]);
   }
   return groups;
 }
 
+const segKey = (s: Segment) => (s.pack !== undefined ? packKey(s.pack) : chunkKey(s.sha, s.codec));
+
+/**
+ * One GET each: a chunk object for a run of segments from one instance of it; a pack
+ * for every segment anywhere in the image that comes from it (in order of first use).
+ */
+function fetchUnits(segs: Segment[]): Array<{ key: string; segs: Segment[] }> {
+  const out: Array<{ key: string; segs: Segment[] }> = [];
+  const packs = new Map<string, { key: string; segs: Segment[] }>();
+  for (const g of groupByChunk(segs)) {
+    const key = segKey(g[0]);
+    if (g[0].pack === undefined) out.push({ key, segs: g });
+    else {
+      let f = packs.get(key);
+      if (!f) packs.set(key, (f = { key, segs: [] })), out.push(f);
+      f.segs.push(...g);
+    }
+  }
+  return out;
+}
+
+/** the stored bytes of a segment's chunk within the object fetched for it */
+function storedBytesOf(obj: Buffer, s: Segment): Buffer {
+  if (s.pack === undefined) return obj;
+  const at = s.packAt!;
+  if (at + s.stored > obj.length) throw new ChunkError('size', `pack holds ${obj.length} bytes, the chunk lies at ${at}..${at + s.stored}`);
+  return obj.subarray(at, at + s.stored);
+}
+
+const ZERO_BLOCK = 64 * 1024;
+const ZEROS = Buffer.alloc(ZERO_BLOCK);
+/** [start, end) runs of data in buf that are not all zeros, at ZERO_BLOCK granularity */
+function dataRuns(buf: Buffer): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (let at = 0; at < buf.length; at += ZERO_BLOCK) {
+    const e = Math.min(buf.length, at + ZERO_BLOCK);
+    if (buf.subarray(at, e).equals(ZEROS.subarray(0, e - at))) continue;
+    const last = out[out.length - 1];
+    if (last && last[1] === at) last[1] = e;
+    else out.push([at, e]);
+  }
+  return out;
+}
+
 function describeSeg(s: Segment): string {
-  return `chunk ${chunkKey(s.sha, s.codec)} (backup ${s.backup}, volume offset ${s.offset - s.within}, ${s.chunkLength} bytes)`;
+  return `chunk ${chunkKey(s.sha, s.codec)}${s.pack !== undefined ? ` in pack ${packKey(s.pack)} at ${s.packAt}` : ''} (backup ${s.backup}, volume offset ${s.offset - s.within}, ${s.chunkLength} bytes)`;
 }
 
 export async function restoreBackup(ctx: EngineContext, id: string, opts: RestoreOptions): Promise<RestoreResult> {
@@ -478,12 +595,12 @@ export async function restoreBackup(ctx: EngineContext, id: string, opts: Restor
   const chain = await repo.chain(id);
   const m = chain[chain.length - 1];
   const segs = resolveImage(chain);
-  const groups = groupByChunk(segs);
+  const fetches = fetchUnits(segs);
 
-  // Every chunk must be there before anything is written: one listing of chunks/
+  // Every object must be there before anything is written: one listing of chunks/
   // (bounded as for a backup; keys past its end are HEADed).
   const keys = new Map<string, Segment>();
-  for (const s of segs) if (!keys.has(chunkKey(s.sha, s.codec))) keys.set(chunkKey(s.sha, s.codec), s);
+  for (const f of fetches) if (!keys.has(f.key)) keys.set(f.key, f.segs[0]);
   const missing: string[] = [];
   const index = keys.size ? await ChunkIndex.load(store, keys.size * LIST_KEYS_PER_PIECE).catch(() => undefined) : undefined;
   await forEachLimit(keys, 16, async ([key, s]) => {
@@ -512,25 +629,57 @@ export async function restoreBackup(ctx: EngineContext, id: string, opts: Restor
       const data = mergeRanges(segs.map((s) => [s.offset, s.length] as Range));
       for (const [o, l] of subtract([[0, m.size]], data)) await zeroRange(nbd, o, l);
     }
+    const target = nbd;
+    // A new thin volume reads as zeros: zero blocks inside chunks are not written to it.
+    const put = async (offset: number, data: Buffer) => {
+      if (!createdVolume) return writeRange(target, offset, data);
+      await Promise.all(dataRuns(data).map(([a, e]) => writeRange(target, offset + a, data.subarray(a, e))));
+    };
     const progress = createProgress(`restore ${id}`, ctx.progress);
     progress.setTotal(segs.reduce((n, s) => n + s.length, 0));
+    // Memory: `concurrency` objects in flight, each received into a reused buffer (fresh
+    // memory costs more in page faults than the copy out of the socket), plus the
+    // decompressed copy of a compressed chunk while it is written.
+    const bufSize = Math.max(m.chunkSize, ...chain.map((c) => c.chunkSize)) + 64 * 1024;
+    const free: Buffer[] = [];
     try {
-      await forEachLimit(groups, ctx.concurrency ?? DEFAULT_CONCURRENCY, async (g) => {
-        const s0 = g[0];
-        const key = chunkKey(s0.sha, s0.codec);
-        const stored = await store.get(key);
-        if (!stored) throw new BackupError('ECORRUPT', `${describeSeg(s0)} is missing`);
-        let content: Buffer;
+      await forEachLimit(fetches, ctx.concurrency ?? DEFAULT_CONCURRENCY, async (f) => {
+        const s0 = f.segs[0];
+        const mem = free.pop() ?? Buffer.allocUnsafeSlow(bufSize);
         try {
-          content = await decode(stored, s0.codec, s0.sha, s0.chunkLength);
-        } catch (err) {
-          if (err instanceof ChunkError) throw new BackupError('ECORRUPT', `${describeSeg(s0)} is ${err.reason}: ${err.message}; restore refused`);
-          throw err;
-        }
-        for (const s of g) {
-          await writeRange(nbd!, s.offset, content.subarray(s.within, s.within + s.length));
-          written += s.length;
-          progress.add(s.length);
+          const obj = await store.get(f.key, mem);
+          if (!obj) throw new BackupError('ECORRUPT', `${describeSeg(s0)} is missing`);
+          // each chunk in the object decoded once (a pack holds several), written as
+          // soon as it is checked; all writes of the object in flight together
+          const contents = new Map<number, Buffer>();
+          const writes: Array<Promise<void>> = [];
+          try {
+            for (const s of f.segs) {
+              const at = s.packAt ?? 0;
+              let content = contents.get(at);
+              if (!content) {
+                try {
+                  content = await decode(storedBytesOf(obj, s), s.codec, s.sha, s.chunkLength);
+                } catch (err) {
+                  if (err instanceof ChunkError) throw new BackupError('ECORRUPT', `${describeSeg(s)} is ${err.reason}: ${err.message}; restore refused`);
+                  throw err;
+                }
+                contents.set(at, content);
+              }
+              writes.push(
+                put(s.offset, content.subarray(s.within, s.within + s.length)).then(() => {
+                  written += s.length;
+                  progress.add(s.length);
+                }),
+              );
+            }
+          } finally {
+            // every write settled before mem is reused (the socket may still hold it)
+            const bad = (await Promise.allSettled(writes)).find((r) => r.status === 'rejected');
+            if (bad) throw (bad as PromiseRejectedResult).reason;
+          }
+        } finally {
+          free.push(mem);
         }
       });
     } finally {
@@ -565,7 +714,7 @@ export async function restoreBackup(ctx: EngineContext, id: string, opts: Restor
     size: m.size,
     chain: chain.map((c) => c.id),
     writtenBytes: written,
-    chunks: groups.length,
+    chunks: fetches.length,
     seconds: (Date.now() - t0) / 1000,
     retries: store.stats.retries - retries0,
   };
@@ -603,43 +752,59 @@ export async function verifyBackup(ctx: EngineContext, id: string): Promise<Veri
   const repo = new Repository(store);
   const chain = await repo.chain(id);
   const segs = resolveImage(chain);
-  // each chunk once, with every (backup, offset) that uses it
-  const uses = new Map<string, { sha: string; codec: Segment['codec']; length: number; at: Array<{ backup: string; offset: number }> }>();
+  // each object once (a chunk object, or a pack with the chunks in it), each chunk in it
+  // once, with every (backup, offset) that uses it
+  type Use = { sha: string; codec: Segment['codec']; length: number; seg: Segment; at: Array<{ backup: string; offset: number }> };
+  const objects = new Map<string, Map<string, Use>>();
   for (const s of segs) {
-    const key = chunkKey(s.sha, s.codec);
+    const key = segKey(s);
+    let inObj = objects.get(key);
+    if (!inObj) objects.set(key, (inObj = new Map()));
+    const ck = `${s.packAt ?? 0}:${chunkKey(s.sha, s.codec)}`;
     const at = { backup: s.backup, offset: s.offset - s.within };
-    const u = uses.get(key);
-    if (!u) uses.set(key, { sha: s.sha, codec: s.codec, length: s.chunkLength, at: [at] });
+    const u = inObj.get(ck);
+    if (!u) inObj.set(ck, { sha: s.sha, codec: s.codec, length: s.chunkLength, seg: s, at: [at] });
     else if (!u.at.some((x) => x.backup === at.backup && x.offset === at.offset)) u.at.push(at);
   }
   const problems: VerifyProblem[] = [];
   let bytes = 0;
+  let chunks = 0;
   const progress = createProgress(`verify ${id}`, ctx.progress);
-  progress.setTotal([...uses.values()].reduce((n, u) => n + u.length, 0));
+  progress.setTotal([...objects.values()].reduce((n, o) => n + [...o.values()].reduce((k, u) => k + u.length, 0), 0));
+  const free: Buffer[] = [];
+  const bufSize = Math.max(...chain.map((c) => c.chunkSize)) + 64 * 1024;
   try {
-    await forEachLimit(uses, ctx.concurrency ?? DEFAULT_CONCURRENCY, async ([key, u]) => {
-      const stored = await store.get(key);
-      let problem: VerifyProblem['problem'] | undefined;
-      let detail = '';
-      if (!stored) {
-        problem = 'missing';
-        detail = 'object not found';
-      } else {
-        try {
-          await decode(stored, u.codec, u.sha, u.length);
-          bytes += u.length;
-        } catch (err) {
-          if (!(err instanceof ChunkError)) throw err;
-          problem = err.reason;
-          detail = err.message;
+    await forEachLimit(objects, ctx.concurrency ?? DEFAULT_CONCURRENCY, async ([key, uses]) => {
+      const mem = free.pop() ?? Buffer.allocUnsafeSlow(bufSize);
+      try {
+        const stored = await store.get(key, mem);
+        for (const u of uses.values()) {
+          chunks++;
+          let problem: VerifyProblem['problem'] | undefined;
+          let detail = '';
+          if (!stored) {
+            problem = 'missing';
+            detail = 'object not found';
+          } else {
+            try {
+              await decode(storedBytesOf(stored, u.seg), u.codec, u.sha, u.length);
+              bytes += u.length;
+            } catch (err) {
+              if (!(err instanceof ChunkError)) throw err;
+              problem = err.reason;
+              detail = u.seg.pack !== undefined ? `chunk ${u.sha} at ${u.seg.packAt} in the pack: ${err.message}` : err.message;
+            }
+          }
+          if (problem) for (const a of u.at) problems.push({ backup: a.backup, offset: a.offset, length: u.length, sha256: u.sha, key, problem, detail });
+          progress.add(u.length);
         }
+      } finally {
+        free.push(mem);
       }
-      if (problem) for (const a of u.at) problems.push({ backup: a.backup, offset: a.offset, length: u.length, sha256: u.sha, key, problem, detail });
-      progress.add(u.length);
     });
   } finally {
     progress.stop();
   }
   problems.sort((a, b) => a.offset - b.offset);
-  return { id, ok: problems.length === 0, chain: chain.map((c) => c.id), chunks: uses.size, bytes, problems, seconds: (Date.now() - t0) / 1000 };
+  return { id, ok: problems.length === 0, chain: chain.map((c) => c.id), chunks, bytes, problems, seconds: (Date.now() - t0) / 1000 };
 }

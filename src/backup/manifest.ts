@@ -12,10 +12,22 @@ import { createHash } from 'node:crypto';
 import type { Codec } from './chunk.js';
 
 export const MANIFEST_FORMAT = 'snapblock-backup';
-export const MANIFEST_VERSION = 1;
+/**
+ * The newest manifest version this code reads and writes. Version 1: every chunk is its
+ * own object. Version 2 adds pack references: a chunk entry with two more fields lives
+ * at a byte offset inside a pack object (chunks/<hh>/<sha256 of the pack>.pack). A
+ * manifest is written with the lowest version that can express it (1 when it names no
+ * pack), so older readers still restore every backup that does not need version 2.
+ */
+export const MANIFEST_VERSION = 2;
+export const MANIFEST_VERSIONS = [1, 2] as const;
+export type ManifestVersion = (typeof MANIFEST_VERSIONS)[number];
 
-/** [volume offset, length, sha256 of the content, codec, stored bytes] */
-export type ChunkEntry = [number, number, string, Codec, number];
+/**
+ * [volume offset, length, sha256 of the content, codec, stored bytes], and in version 2
+ * optionally [..., sha256 of the pack object, byte offset of the stored bytes in it]
+ */
+export type ChunkEntry = [number, number, string, Codec, number] | [number, number, string, Codec, number, string, number];
 /** [offset, length] */
 export type Range = [number, number];
 
@@ -33,7 +45,7 @@ export type BackupSource =
 
 export interface Manifest {
   format: typeof MANIFEST_FORMAT;
-  version: typeof MANIFEST_VERSION;
+  version: ManifestVersion;
   id: string;
   kind: 'full' | 'incremental';
   parent: string | null;
@@ -60,6 +72,9 @@ const oneOf = (...vals: unknown[]): Check => (v, p, i) => (vals.includes(v) ? v 
 const bool: Check = (v, p, i) => (typeof v === 'boolean' ? v : fail(i, p, 'expected a boolean'));
 const sha: Check = (v, p, i) => (typeof v === 'string' && /^[0-9a-f]{64}$/.test(v) ? v : fail(i, p, 'expected 64 lowercase hex digits'));
 const tuple = (...items: Check[]): Check => (v, p, i) => (Array.isArray(v) && v.length === items.length ? items.map((c, k) => c(v[k], `${p}.${k}`, i)) : fail(i, p, `expected an array of ${items.length}`));
+/** a tuple of `min` items, or of all of them */
+const tupleOpt = (min: number, ...items: Check[]): Check => (v, p, i) =>
+  Array.isArray(v) && (v.length === min || v.length === items.length) ? v.map((x, k) => items[k](x, `${p}.${k}`, i)) : fail(i, p, `expected an array of ${min} or ${items.length}`);
 const array = (c: Check): Check => (v, p, i) => (Array.isArray(v) ? v.map((x, k) => c(x, `${p}.${k}`, i)) : fail(i, p, 'expected an array'));
 const object = (shape: Record<string, Check>): Check => (v, p, i) => {
   if (!v || typeof v !== 'object' || Array.isArray(v)) return fail(i, p, 'expected an object');
@@ -77,9 +92,11 @@ const source: Check = (v, p, i) => {
   if (t === 'nbd') return object({ type: str, uri: str, export: str })(v, p, i);
   return fail(i, `${p}.type`, 'expected "pool" or "nbd"');
 };
-const manifestCheck = object({
+const chunkV1 = tuple(int(0), int(1), sha, oneOf('raw', 'br'), int(0));
+const chunkV2 = tupleOpt(5, int(0), int(1), sha, oneOf('raw', 'br'), int(0), sha, int(0));
+const manifestShape = (chunk: Check) => ({
   format: oneOf(MANIFEST_FORMAT),
-  version: oneOf(MANIFEST_VERSION),
+  version: oneOf(...MANIFEST_VERSIONS),
   id: str,
   kind: oneOf('full', 'incremental'),
   parent: nullable(str),
@@ -89,11 +106,12 @@ const manifestCheck = object({
   source,
   size: int(0),
   chunkSize: int(1),
-  chunks: array(tuple(int(0), int(1), sha, oneOf('raw', 'br'), int(0))),
+  chunks: array(chunk),
   zeroed: array(tuple(int(0), int(1))),
   stats: numbers,
   checksum: str,
 });
+const manifestCheck = { 1: object(manifestShape(chunkV1)), 2: object(manifestShape(chunkV2)) } as const;
 
 export const manifestKey = (id: string) => `backups/${id}.json`;
 export const partialKey = (id: string) => `backups/${id}.partial.json`;
@@ -117,7 +135,13 @@ export function manifestChecksum(m: Manifest): string {
   return 'sha256:' + createHash('sha256').update(canonicalJson({ ...m, checksum: '' })).digest('hex');
 }
 
+/** the lowest version that expresses the manifest: 2 only when it names a pack */
+export function versionFor(chunks: ChunkEntry[]): ManifestVersion {
+  return chunks.some((c) => c.length > 5) ? 2 : 1;
+}
+
 export function sealManifest(m: Manifest): Buffer {
+  m.version = versionFor(m.chunks);
   m.checksum = manifestChecksum(m);
   return Buffer.from(JSON.stringify(m));
 }
@@ -137,10 +161,11 @@ export function parseManifest(buf: Buffer, key: string): Manifest {
     throw new ManifestError(`${key} is not JSON`);
   }
   const issues: string[] = [];
-  const m = manifestCheck(raw, '', issues) as Manifest;
+  const v = (raw as { version?: unknown })?.version;
+  const known = MANIFEST_VERSIONS.includes(v as ManifestVersion);
+  const m = manifestCheck[known ? (v as ManifestVersion) : MANIFEST_VERSION](raw, '', issues) as Manifest;
   if (issues.length) {
-    const v = (raw as { version?: unknown })?.version;
-    if ((raw as { format?: unknown })?.format === MANIFEST_FORMAT && v !== MANIFEST_VERSION) throw new ManifestError(`${key}: manifest version ${String(v)} is not supported (this snapblock reads version ${MANIFEST_VERSION})`);
+    if ((raw as { format?: unknown })?.format === MANIFEST_FORMAT && !known) throw new ManifestError(`${key}: manifest version ${String(v)} is not supported (this snapblock reads versions ${MANIFEST_VERSIONS.join(' and ')})`);
     throw new ManifestError(`${key} is not a valid manifest: ${issues.slice(0, 10).join('; ')}${issues.length > 10 ? `; and ${issues.length - 10} more` : ''}`);
   }
   // over the object as stored (fields this version does not know count too)
@@ -175,6 +200,9 @@ export interface Segment {
   chunkLength: number;
   /** the backup whose manifest names the chunk */
   backup: string;
+  /** version 2: the pack object holding the chunk's stored bytes, and where in it */
+  pack?: string;
+  packAt?: number;
 }
 
 /** Remove [a, b) ranges (sorted, not overlapping) from sorted segments. */
@@ -215,7 +243,7 @@ function mergeSorted(a: Segment[], b: Segment[]): Segment[] {
 export function resolveImage(chain: Manifest[]): Segment[] {
   let segs: Segment[] = [];
   for (const m of chain) {
-    const own: Segment[] = m.chunks.map(([offset, length, sha, codec, stored]) => ({ offset, length, sha, codec, stored, within: 0, chunkLength: length, backup: m.id }));
+    const own: Segment[] = m.chunks.map(([offset, length, sha, codec, stored, pack, packAt]) => ({ offset, length, sha, codec, stored, within: 0, chunkLength: length, backup: m.id, ...(pack !== undefined ? { pack, packAt } : {}) }));
     const covered: Range[] = mergeRanges([...m.zeroed, ...m.chunks.map(([o, l]) => [o, l] as Range)]);
     segs = mergeSorted(cut(segs, covered, m.size), own);
   }

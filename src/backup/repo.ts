@@ -1,7 +1,7 @@
 // The backup repository: manifests, dependency chains, leases and garbage collection
 // over an ObjectStore. See docs/BACKUP.md for the layout and the GC safety rules.
 import os from 'node:os';
-import { chunkKey, parseChunkKey } from './chunk.js';
+import { objectKeyOf, parseChunkKey } from './chunk.js';
 import { idOfKey, ManifestError, manifestKey, parseManifest, partialKey, type Manifest } from './manifest.js';
 import type { ObjectStore } from './store.js';
 
@@ -301,7 +301,7 @@ export class Repository {
       if (running.length) return { deferred: `backup(s) running: ${running.map((r) => r.id).join(', ')}; run \`backup gc\` later`, deletedChunks: 0, deletedBytes: 0, keptChunks: 0 };
       const referenced = new Set<string>();
       // A damaged manifest aborts GC: its chunks cannot be told apart from garbage.
-      for (const { manifest } of await this.all()) for (const c of manifest.chunks) referenced.add(chunkKey(c[2], c[3]));
+      for (const { manifest } of await this.all()) for (const c of manifest.chunks) referenced.add(objectKeyOf(c));
       let deletedChunks = 0;
       let deletedBytes = 0;
       let keptChunks = 0;

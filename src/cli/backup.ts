@@ -130,7 +130,7 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
           a.json
             ? JSON.stringify(r, null, 2)
             : `${r.resumed ? 'resumed and completed' : 'created'} ${r.kind} backup ${r.id}${r.parent ? ` (parent ${r.parent})` : ''} of ${r.snapshot ?? 'the export'}: ` +
-                `read ${mib(r.readBytes)}, ${r.chunks} chunks, uploaded ${r.uploadedChunks} (${mib(r.uploadedBytes)}), ${r.existingChunks} already stored` +
+                `read ${mib(r.readBytes)}, ${r.chunks} chunks, uploaded ${r.uploadedChunks} in ${r.uploadedObjects} object(s) (${mib(r.uploadedBytes)}), ${r.existingChunks} already stored` +
                 `${r.resumedChunks ? `, ${r.resumedChunks} from the interrupted run` : ''}, ${r.seconds.toFixed(1)} s`,
         );
       },
