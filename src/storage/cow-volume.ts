@@ -17,6 +17,7 @@ import { Journal, Kind, type Rec } from './journal.js';
 import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { ioBuffer } from '../block/io-buffers.js';
+import { writeAt } from './inline-write.js';
 
 /** table entry slot: the original block read as zeroes, so nothing was stored */
 const HOLE = 0xffffffff;
@@ -321,7 +322,7 @@ export class CowVolume extends Volume {
     }
     s.busy++;
     try {
-      await native.pwrite(s.fd, orig, slot * this.meta.blockSize);
+      await writeAt(s.fd, orig, slot * this.meta.blockSize);
       s.dirty = true;
     } finally {
       s.busy--;
@@ -380,7 +381,7 @@ export class CowVolume extends Volume {
     const bs = this.meta.blockSize;
     await this.preserve(Math.floor(offset / bs), Math.floor((offset + data.length - 1) / bs));
     this.dataDirty = true;
-    await native.pwrite(this.fd, data, offset);
+    await writeAt(this.fd, data, offset);
   }
 
   protected async trimLive(offset: number, length: number): Promise<void> {

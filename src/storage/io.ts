@@ -3,6 +3,7 @@
 import * as native from '../native/index.js';
 import type { Extent } from '../block/layer.js';
 import { mergeExtents } from './volume.js';
+import { writeAt, writevAt } from './inline-write.js';
 
 /**
  * Pieces of one buffer laid out on disk, gathered as runs contiguous both on disk and in the
@@ -25,14 +26,14 @@ export class DiskRuns {
   }
 }
 
-/** pwrite each piece, merging pieces that are contiguous on disk into one vectored write. */
+/** write each piece (inline or pooled, see inline-write.ts), merging pieces that are contiguous on disk into one vectored write. */
 export async function writeRuns(fd: number, pieces: Array<{ at: number; buf: Buffer }>): Promise<void> {
   const jobs: Promise<void>[] = [];
   for (let i = 0; i < pieces.length; ) {
     let j = i + 1;
     let end = pieces[i].at + pieces[i].buf.length;
     while (j < pieces.length && pieces[j].at === end) end += pieces[j++].buf.length;
-    jobs.push(j - i === 1 ? native.pwrite(fd, pieces[i].buf, pieces[i].at) : native.pwritev(fd, pieces.slice(i, j).map((x) => x.buf), pieces[i].at));
+    jobs.push(j - i === 1 ? writeAt(fd, pieces[i].buf, pieces[i].at) : writevAt(fd, pieces.slice(i, j).map((x) => x.buf), pieces[i].at));
     i = j;
   }
   await Promise.all(jobs);

@@ -21,6 +21,7 @@ import { Journal, Kind, type Rec } from './journal.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { Volume, SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { ioBuffer } from '../block/io-buffers.js';
+import { writeAt } from './inline-write.js';
 
 const FORMAT_VERSION = 1;
 const JOURNAL_LIMIT = 64 * 1024 * 1024;
@@ -408,7 +409,7 @@ export class MirrorVolume extends Volume {
       for (let at = e.offset; at < e.offset + e.length; at += COPY_PIECE) {
         const buf = Buffer.allocUnsafe(Math.min(COPY_PIECE, e.offset + e.length - at));
         await readAt(this.fd, buf, at);
-        await native.pwrite(mfd, buf, at);
+        await writeAt(mfd, buf, at);
       }
     }
   }
@@ -469,7 +470,7 @@ export class MirrorVolume extends Volume {
   }
 
   protected writeLive(offset: number, data: Buffer): Promise<void> {
-    return this.both(offset, data.length, (fd, from, to) => native.pwrite(fd, from === offset && to === offset + data.length ? data : data.subarray(from - offset, to - offset), from));
+    return this.both(offset, data.length, (fd, from, to) => writeAt(fd, from === offset && to === offset + data.length ? data : data.subarray(from - offset, to - offset), from));
   }
 
   protected trimLive(offset: number, length: number): Promise<void> {

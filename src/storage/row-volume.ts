@@ -17,6 +17,7 @@ import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExten
 import { DiskRuns, readRuns, writeRuns } from './io.js';
 import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
+import { writeAt } from './inline-write.js';
 
 const UNALLOCATED = 0;
 /** deallocated on purpose: reads zero even where a base (clone parent) has data */
@@ -320,7 +321,7 @@ export class RowVolume extends Volume {
         else if (old === UNALLOCATED && this.opts.base) (await this.opts.base.read(l * bs, len)).copy(block);
         slice.copy(block, bo);
       }
-      await native.pwrite(this.fd, block, p * bs);
+      await writeAt(this.fd, block, p * bs);
       this.journal.append(Kind.MAP, l, p + 1, this.meta.gen);
       if (old !== UNALLOCATED && old !== ZERO) {
         // The old block now belongs to the newest snapshot (the only one that can be sharing it).
