@@ -17,7 +17,7 @@ import { once } from 'node:events';
 import type { NbdClient } from '../nbd/client.js';
 import type { Range } from './manifest.js';
 import { intersect, subtract } from './ranges.js';
-import { connectNbd, readRange, writeRange, zeroRange, ZERO, type PoolServer } from './source.js';
+import { connectNbd, readMap, readRange, writeRange, zeroRange, ZERO, type PoolServer } from './source.js';
 import { mergeRanges } from './manifest.js';
 
 export const RBD_DIFF_V1 = Buffer.from('rbd diff v1\n');
@@ -86,11 +86,11 @@ export async function exportDiff(server: PoolServer, volume: string, to: string,
   try {
     if (changedCtx && !nbd.contexts.has(changedCtx)) throw new Error(`the server offers no ${changedCtx} on ${volume}@${to}`);
     const size = nbd.size;
-    const data = mergeRanges((await nbd.map('base:allocation')).filter((e) => !(e.flags & ZERO)).map((e) => [e.offset, e.length] as Range));
+    const data = mergeRanges((await readMap(nbd, 'base:allocation')).filter((e) => !(e.flags & ZERO)).map((e) => [e.offset, e.length] as Range));
     let writes: Range[];
     let zeros: Range[] = [];
     if (changedCtx) {
-      const changed = mergeRanges((await nbd.map(changedCtx)).filter((e) => e.flags & 1).map((e) => [e.offset, e.length] as Range));
+      const changed = mergeRanges((await readMap(nbd, changedCtx)).filter((e) => e.flags & 1).map((e) => [e.offset, e.length] as Range));
       writes = intersect(changed, data);
       zeros = subtract(changed, data);
     } else writes = data;
