@@ -20,8 +20,9 @@ function crashStress(mode: string): Promise<{ code: number | null; out: string; 
   return new Promise((resolve) => {
     const p = spawn(
       process.execPath,
-      // row at its default block size (4 KiB: every 4 KiB write to a shared block is a whole-block redirect)
-      [path.join(ROOT, 'bench', 'crash-stress.mjs'), '--modes', mode, ...(mode === 'row' ? ['--block-size', '4K'] : []), '--iterations', ITERATIONS, '--seed', SEED, '--max-run', '1200', '--dir', dir, '--json', json],
+      // row at its default block size (4 KiB: every 4 KiB write to a shared block is a whole-block redirect);
+      // mirror runs longer before the kill: its creates wait for a mirror sync first
+      [path.join(ROOT, 'bench', 'crash-stress.mjs'), '--modes', mode, ...(mode === 'row' ? ['--block-size', '4K'] : []), '--iterations', ITERATIONS, '--seed', SEED, '--max-run', mode === 'mirror' ? '2500' : '1200', '--dir', dir, '--json', json],
       { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, PATH: `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH}` } },
     );
     let out = '';

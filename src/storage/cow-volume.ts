@@ -12,12 +12,13 @@ import type { Logger } from 'pino';
 import * as native from '../native/index.js';
 import type { Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
-import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
+import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
+import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
 
 /** table entry slot: the original block read as zeroes, so nothing was stored */
 const HOLE = 0xffffffff;
@@ -73,9 +74,8 @@ export interface CowOptions {
   log: Logger;
 }
 
-export class CowVolume extends Volume {
+export class CowVolume extends JournaledVolume<Meta, Snap> {
   readonly mode = 'cow' as const;
-  private snaps: Snap[] = [];
   /** blocks whose original is being copied out: writers wait, then find nothing left to copy */
   private locks = new Map<number, Promise<void>>();
   /** snapshot reads currently reading live blocks: an overwrite waits for them */
@@ -92,23 +92,9 @@ export class CowVolume extends Volume {
    */
   private spare?: Promise<number | undefined>;
 
-  private constructor(
-    private readonly dir: string,
-    private meta: Meta,
-    private readonly journal: Journal,
-    private readonly fd: number,
-    private readonly opts: CowOptions,
-  ) {
-    super();
+  private constructor(dir: string, meta: Meta, journal: Journal, fd: number, private readonly opts: CowOptions) {
+    super(dir, meta, journal, fd);
     this.zeros = Buffer.alloc(meta.blockSize);
-  }
-
-  get size(): number {
-    return this.meta.size;
-  }
-
-  get blockSize(): number {
-    return this.meta.blockSize;
   }
 
   private get slots(): number {
@@ -121,19 +107,13 @@ export class CowVolume extends Volume {
 
   static create(dir: string, size: number, blockSize: number, reserve: number): void {
     if (!(reserve >= blockSize)) throw new Error(`a COW reserve of ${reserve} bytes holds not even one ${blockSize}-byte block`);
-    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const meta: Meta = { format: 'snapblock-cow', version: FORMAT_VERSION, epoch: 1, size, blockSize, reserve, gen: 1, nextSnapId: 1, snapshots: [] };
-    const fd = fs.openSync(path.join(dir, 'data'), 'w', 0o600);
-    fs.ftruncateSync(fd, size);
-    fs.closeSync(fd);
-    writeCheckpoint(path.join(dir, 'checkpoint'), { meta, arrays: { table: new Uint32Array(0) } });
+    createVolumeFiles(dir, { meta, arrays: { table: new Uint32Array(0) } }, size);
   }
 
   static async open(dir: string, opts: CowOptions): Promise<CowVolume> {
-    const ck = readCheckpoint<Meta>(path.join(dir, 'checkpoint'));
-    if (ck.meta.format !== 'snapblock-cow' || ck.meta.version > FORMAT_VERSION) throw new Error(`${dir}: unsupported volume format ${ck.meta.format} v${ck.meta.version}`);
-    const { journal, records } = Journal.open(path.join(dir, 'journal'), ck.meta.epoch);
-    const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
+    const ck = readVolumeCheckpoint<Meta>(dir, 'snapblock-cow', 'copy-on-write', FORMAT_VERSION);
+    const { journal, records, fd } = openJournalAndData(dir, ck.meta.epoch);
     const v = new CowVolume(dir, ck.meta, journal, fd, opts);
     v.snaps = ck.meta.snapshots.map((s) => newSnap(s));
     const t = ck.arrays.table;
@@ -145,18 +125,6 @@ export class CowVolume extends Volume {
     if (records.length) await v.quiesce(() => v.checkpoint());
     v.prepareSpare();
     return v;
-  }
-
-  private snapById(id: number): Snap {
-    const s = this.snaps.find((x) => x.id === id);
-    if (!s) throw new Error(`journal names unknown snapshot id ${id}`);
-    return s;
-  }
-
-  private snapByName(name: string): Snap {
-    const s = this.snaps.find((x) => x.name === name);
-    if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
-    return s;
   }
 
   private setCopy(s: Snap, l: number, slot: number, gen: number): void {
@@ -176,8 +144,7 @@ export class CowVolume extends Volume {
   private applyMeta(m: MetaRecord): void {
     if (m.op === 'snapshot') {
       this.snaps.push(newSnap({ ...m, status: 'valid' }));
-      this.meta.gen = m.gen + 1;
-      this.meta.nextSnapId = Math.max(this.meta.nextSnapId, m.id + 1);
+      this.countSnapshot(m);
     } else if (m.op === 'delete-snapshot') {
       this.snaps = this.snaps.filter((s) => s.id !== m.id);
     } else if (m.op === 'invalidate') {

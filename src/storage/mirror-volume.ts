@@ -16,12 +16,13 @@ import type { Logger } from 'pino';
 import * as native from '../native/index.js';
 import { BlockError, type Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
-import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
+import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
-import { Volume, SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
+import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
 
 const FORMAT_VERSION = 1;
 const JOURNAL_LIMIT = 64 * 1024 * 1024;
@@ -84,9 +85,8 @@ interface Span {
   done: Promise<void>;
 }
 
-export class MirrorVolume extends Volume {
+export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   readonly mode = 'mirror' as const;
-  private snaps: Snap[] = [];
   private mirrorFd?: number;
   /** blocks with a WRITTEN record in this journal epoch (cleared by a checkpoint) */
   private epochWritten = new Set<number>();
@@ -105,22 +105,8 @@ export class MirrorVolume extends Volume {
   private readonly durable = new GroupCommit(async () => this.journal.commit(this.journal.take()));
   private closed = false;
 
-  private constructor(
-    private readonly dir: string,
-    private meta: Meta,
-    private readonly journal: Journal,
-    private readonly fd: number,
-    private readonly opts: MirrorOptions,
-  ) {
-    super();
-  }
-
-  get size(): number {
-    return this.meta.size;
-  }
-
-  get blockSize(): number {
-    return this.meta.blockSize;
+  private constructor(dir: string, meta: Meta, journal: Journal, fd: number, private readonly opts: MirrorOptions) {
+    super(dir, meta, journal, fd);
   }
 
   private get chunk(): number {
@@ -137,19 +123,13 @@ export class MirrorVolume extends Volume {
   }
 
   static create(dir: string, size: number, blockSize: number): void {
-    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const meta: Meta = { format: 'snapblock-mirror', version: FORMAT_VERSION, epoch: 1, size, blockSize, gen: 1, nextSnapId: 1, snapshots: [], mirror: { state: 'none', cursor: 0 } };
-    const fd = fs.openSync(path.join(dir, 'data'), 'w', 0o600);
-    fs.ftruncateSync(fd, size);
-    fs.closeSync(fd);
-    writeCheckpoint(path.join(dir, 'checkpoint'), { meta, arrays: { written: new Uint32Array(0) } });
+    createVolumeFiles(dir, { meta, arrays: { written: new Uint32Array(0) } }, size);
   }
 
   static async open(dir: string, opts: MirrorOptions): Promise<MirrorVolume> {
-    const ck = readCheckpoint<Meta>(path.join(dir, 'checkpoint'));
-    if (ck.meta.format !== 'snapblock-mirror' || ck.meta.version > FORMAT_VERSION) throw new Error(`${dir}: unsupported volume format ${ck.meta.format} v${ck.meta.version}`);
-    const { journal, records } = Journal.open(path.join(dir, 'journal'), ck.meta.epoch);
-    const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
+    const ck = readVolumeCheckpoint<Meta>(dir, 'snapblock-mirror', 'split-mirror', FORMAT_VERSION);
+    const { journal, records, fd } = openJournalAndData(dir, ck.meta.epoch);
     const v = new MirrorVolume(dir, ck.meta, journal, fd, opts);
     v.snaps = ck.meta.snapshots.map((s) => ({ ...s, written: new Set<number>(), own: 0 }));
     const w = ck.arrays.written;
@@ -161,18 +141,6 @@ export class MirrorVolume extends Volume {
     if (records.length || repaired || mirrorChanged) await v.quiesce(() => v.checkpoint());
     if (v.meta.mirror.state === 'syncing') v.startCopier();
     return v;
-  }
-
-  private snapById(id: number): Snap {
-    const s = this.snaps.find((x) => x.id === id);
-    if (!s) throw new Error(`journal names unknown snapshot id ${id}`);
-    return s;
-  }
-
-  private snapByName(name: string): Snap {
-    const s = this.snaps.find((x) => x.name === name);
-    if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
-    return s;
   }
 
   private replay(r: Rec): void {
@@ -188,8 +156,7 @@ export class MirrorVolume extends Volume {
     switch (m.op) {
       case 'snapshot':
         this.snaps.push({ id: m.id, name: m.name, gen: m.gen, size: m.size, created: m.created, written: new Set(), own: 0 });
-        this.meta.gen = m.gen + 1;
-        this.meta.nextSnapId = Math.max(this.meta.nextSnapId, m.id + 1);
+        this.countSnapshot(m);
         this.meta.mirror = { state: 'none', cursor: 0 }; // the mirror became the snapshot
         break;
       case 'delete-snapshot': {

@@ -11,13 +11,14 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
 import type { BlockLayer, Extent } from '../block/layer.js';
-import { readCheckpoint, writeCheckpoint } from './checkpoint.js';
+import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { Volume, SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { DiskRuns, readRuns, writeRuns } from './io.js';
 import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
+import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
 
 const UNALLOCATED = 0;
 /** deallocated on purpose: reads zero even where a base (clone parent) has data */
@@ -68,12 +69,11 @@ export interface RowOptions {
   base?: BlockLayer;
 }
 
-export class RowVolume extends Volume {
+export class RowVolume extends JournaledVolume<Meta, Snap> {
   readonly mode = 'row' as const;
   private table: PointerTable;
   /** a data write was issued since the last fdatasync of the data file */
   private dataDirty = false;
-  private snaps: Snap[] = [];
   private free: number[] = [];
   /** freed blocks whose release is not durable yet: never reused before it is */
   private pendingFree: number[] = [];
@@ -83,24 +83,9 @@ export class RowVolume extends Volume {
   private locks = new Map<number, Promise<void>>();
   private closed = false;
 
-  private constructor(
-    private readonly dir: string,
-    private meta: Meta,
-    table: PointerTable,
-    private journal: Journal,
-    private readonly fd: number,
-    private readonly opts: RowOptions,
-  ) {
-    super();
+  private constructor(dir: string, meta: Meta, table: PointerTable, journal: Journal, fd: number, private readonly opts: RowOptions) {
+    super(dir, meta, journal, fd);
     this.table = table;
-  }
-
-  get size(): number {
-    return this.meta.size;
-  }
-
-  get blockSize(): number {
-    return this.meta.blockSize;
   }
 
   private get nblocks(): number {
@@ -109,18 +94,14 @@ export class RowVolume extends Volume {
 
   static create(dir: string, size: number, blockSize: number): void {
     checkBlockCount(size, blockSize);
-    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const meta: Meta = { format: 'snapblock-row', version: FORMAT_VERSION, epoch: 1, size, blockSize, gen: 1, nextPhysical: 0, nextSnapId: 1, tablePage: PAGE_ENTRIES, snapshots: [] };
-    fs.closeSync(fs.openSync(path.join(dir, 'data'), 'w', 0o600));
     const empty = new PointerTable(Math.ceil(size / blockSize)).encode();
-    writeCheckpoint(path.join(dir, 'checkpoint'), { meta, arrays: { ...empty, delta: new Uint32Array(0) } });
+    createVolumeFiles(dir, { meta, arrays: { ...empty, delta: new Uint32Array(0) } }, 0);
   }
 
   static async open(dir: string, opts: RowOptions): Promise<RowVolume> {
-    const ck = readCheckpoint<Meta>(path.join(dir, 'checkpoint'));
+    const ck = readVolumeCheckpoint<Meta>(dir, 'snapblock-row', 'redirect-on-write', FORMAT_VERSION);
     const m = ck.meta;
-    if (m.format !== 'snapblock-row') throw new Error(`${dir}: not a redirect-on-write volume (format ${m.format})`);
-    if (!(m.version >= 1 && m.version <= FORMAT_VERSION)) throw new Error(`${dir}: snapblock-row format version ${m.version} is not supported by this snapblock (it reads versions 1 to ${FORMAT_VERSION}); upgrade snapblock`);
     const n = Math.ceil(m.size / m.blockSize);
     let table: PointerTable;
     if (m.version === 1) table = PointerTable.fromFlat(n, ck.arrays.map, ck.arrays.birth);
@@ -128,8 +109,7 @@ export class RowVolume extends Volume {
       if (m.tablePage !== PAGE_ENTRIES) throw new Error(`${dir}: pointer-table pages of ${m.tablePage} entries are not supported (this snapblock uses ${PAGE_ENTRIES})`);
       table = PointerTable.decode(n, ck.arrays.pages, ck.arrays.map, ck.arrays.birth);
     }
-    const { journal, records } = Journal.open(path.join(dir, 'journal'), m.epoch);
-    const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
+    const { journal, records, fd } = openJournalAndData(dir, m.epoch);
     const v = new RowVolume(dir, m, table, journal, fd, opts);
     v.loadSnapshots(m, ck.arrays.delta);
     for (const r of records) v.replay(r);
@@ -145,18 +125,6 @@ export class RowVolume extends Volume {
   private loadSnapshots(meta: Meta, delta: Uint32Array): void {
     this.snaps = meta.snapshots.map((s) => ({ ...s, delta: new Map() }));
     for (let i = 0; i < delta.length; i += 4) this.snapById(delta[i]).delta.set(delta[i + 1], { p: delta[i + 2], birth: delta[i + 3] });
-  }
-
-  private snapById(id: number): Snap {
-    const s = this.snaps.find((x) => x.id === id);
-    if (!s) throw new Error(`journal names unknown snapshot id ${id}`);
-    return s;
-  }
-
-  private snapByName(name: string): Snap {
-    const s = this.snaps.find((x) => x.name === name);
-    if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
-    return s;
   }
 
   private replay(r: Rec): void {
@@ -182,8 +150,7 @@ export class RowVolume extends Volume {
   private applyMeta(m: MetaRecord): void {
     if (m.op === 'snapshot') {
       this.snaps.push({ id: m.id, name: m.name, gen: m.gen, size: m.size, created: m.created, delta: new Map() });
-      this.meta.gen = m.gen + 1;
-      this.meta.nextSnapId = Math.max(this.meta.nextSnapId, m.id + 1);
+      this.countSnapshot(m);
     } else if (m.op === 'delete-snapshot') {
       this.snaps = this.snaps.filter((s) => s.id !== m.id);
     } else if (m.op === 'resize') {

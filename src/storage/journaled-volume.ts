@@ -1,0 +1,96 @@
+// The on-disk skeleton every snapshot technique shares (docs/FORMAT.md): a directory with
+// a checkpoint, a journal replayed over it, and a data file; plus the snapshot bookkeeping
+// (ids, names, generations) that is the same whatever the technique.
+import fs from 'node:fs';
+import path from 'node:path';
+import * as native from '../native/index.js';
+import { readCheckpoint, writeCheckpoint, type CheckpointData } from './checkpoint.js';
+import { Journal, type Rec } from './journal.js';
+import { Volume, SnapshotError } from './volume.js';
+
+/** What every technique's checkpoint metadata holds. */
+export interface VolumeMeta {
+  format: string;
+  version: number;
+  /** journal epoch: records of older epochs are already in the checkpoint */
+  epoch: number;
+  size: number;
+  blockSize: number;
+  /** generation of the next write interval; a snapshot closes one */
+  gen: number;
+  nextSnapId: number;
+}
+
+export interface SnapRef {
+  id: number;
+  name: string;
+}
+
+export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> extends Volume {
+  protected snaps: S[] = [];
+
+  protected constructor(
+    protected readonly dir: string,
+    protected meta: M,
+    protected journal: Journal,
+    protected readonly fd: number,
+  ) {
+    super();
+  }
+
+  get size(): number {
+    return this.meta.size;
+  }
+
+  get blockSize(): number {
+    return this.meta.blockSize;
+  }
+
+  protected snapById(id: number): S {
+    const s = this.snaps.find((x) => x.id === id);
+    if (!s) throw new Error(`journal names unknown snapshot id ${id}`);
+    return s;
+  }
+
+  protected snapByName(name: string): S {
+    const s = this.snaps.find((x) => x.name === name);
+    if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
+    return s;
+  }
+
+  /** A snapshot record, new or replayed: the next write interval and snapshot id move past it. */
+  protected countSnapshot(m: { id: number; gen: number }): void {
+    this.meta.gen = m.gen + 1;
+    this.meta.nextSnapId = Math.max(this.meta.nextSnapId, m.id + 1);
+  }
+}
+
+/** A new volume directory: the data file (sparse, dataSize bytes) and the first checkpoint. */
+export function createVolumeFiles(dir: string, first: CheckpointData<VolumeMeta>, dataSize: number): void {
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const fd = fs.openSync(path.join(dir, 'data'), 'w', 0o600);
+  try {
+    if (dataSize > 0) fs.ftruncateSync(fd, dataSize);
+  } finally {
+    fs.closeSync(fd);
+  }
+  writeCheckpoint(path.join(dir, 'checkpoint'), first);
+}
+
+/** A volume directory's checkpoint, refused unless it is `format` (`what` names it) in versions 1..maxVersion. */
+export function readVolumeCheckpoint<M extends VolumeMeta>(dir: string, format: string, what: string, maxVersion: number): CheckpointData<M> {
+  const ck = readCheckpoint<M>(path.join(dir, 'checkpoint'));
+  const m = ck.meta;
+  if (m.format !== format) throw new Error(`${dir}: not a ${what} volume (format ${m.format})`);
+  if (!(m.version >= 1 && m.version <= maxVersion)) {
+    throw new Error(`${dir}: ${format} format version ${m.version} is not supported by this snapblock (it reads versions 1 to ${maxVersion}); upgrade snapblock`);
+  }
+  return ck;
+}
+
+/** The journal records of the checkpoint's epoch (to replay) and the open data file. */
+export function openJournalAndData(dir: string, epoch: number): { journal: Journal; records: Rec[]; fd: number } {
+  const { journal, records } = Journal.open(path.join(dir, 'journal'), epoch);
+  const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
+  return { journal, records, fd };
+}
