@@ -141,7 +141,7 @@ async function backup(label, incremental) {
   const r = await createBackup(ctx, { server, volume: 'vol', incremental });
   const secs = now() - t;
   const cpu = cpuSecs() - c0;
-  const row = { label, id: r.id, kind: r.kind, secs: +secs.toFixed(2), readMiB: +(r.readBytes / MiB).toFixed(1), uploadedChunks: r.uploadedChunks, uploadedObjects: r.uploadedObjects, uploadedMiB: +(r.uploadedBytes / MiB).toFixed(1), existingChunks: r.existingChunks, readMiBps: +(r.readBytes / MiB / secs).toFixed(1), clientCpuSecs: +cpu.toFixed(2), clientCpuSecsPerGiB: r.readBytes ? +(cpu / (r.readBytes / GiB)).toFixed(2) : null, headRequests: store.stats.heads - heads0, listRequests: store.stats.lists - lists0, loadavg: os.loadavg()[0], snapshot: r.snapshot };
+  const row = { label, id: r.id, kind: r.kind, secs: +secs.toFixed(2), readMiB: +(r.readBytes / MiB).toFixed(1), uploadedChunks: r.uploadedChunks, uploadedObjects: r.uploadedObjects, uploadedMiB: +(r.uploadedBytes / MiB).toFixed(1), existingChunks: r.existingChunks, readMiBps: +(r.readBytes / MiB / secs).toFixed(1), clientCpuSecs: +cpu.toFixed(2), clientCpuSecsPerGiB: r.readBytes ? +(cpu / (r.readBytes / GiB)).toFixed(2) : null, headRequests: store.stats.heads - heads0, listRequests: store.stats.lists - lists0, loadavg: os.loadavg()[0], snapshot: r.snapshot, timings: r.timings };
   backupRuns.push(row);
   say(`${label}: ${JSON.stringify(row)}`);
   return row;
@@ -223,10 +223,11 @@ say('restore');
 let restore;
 {
   const last = backupRuns[backupRuns.length - 1];
+  const c0 = cpuSecs();
   const t = now();
   const r = await restoreBackup(ctx, last.id, { server, volume: 'restored' });
   const secs = now() - t;
-  restore = { id: last.id, chain: r.chain.length, secs: +secs.toFixed(2), writtenMiB: +(r.writtenBytes / MiB).toFixed(1), MiBps: +(r.writtenBytes / MiB / secs).toFixed(1) };
+  restore = { id: last.id, chain: r.chain.length, secs: +secs.toFixed(2), writtenMiB: +(r.writtenBytes / MiB).toFixed(1), MiBps: +(r.writtenBytes / MiB / secs).toFixed(1), clientCpuSecs: +(cpuSecs() - c0).toFixed(2), objects: r.chunks, loadavg: os.loadavg()[0], timings: r.timings };
   say(`restore: ${JSON.stringify(restore)}`);
   const cmp = spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', `nbd+unix:///vol@${last.snapshot}?socket=${sock}`, `nbd+unix:///restored?socket=${sock}`], { encoding: 'utf8' });
   restore.byteExact = cmp.status === 0;

@@ -30,7 +30,7 @@ export { DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY };
 /** pieces read and hashed ahead while `concurrency` uploads are in flight */
 export const READ_AHEAD = Number(process.env.SNAPBLOCK_BACKUP_READ_AHEAD ?? 4);
 /** NBD read requests in flight at most */
-const READS_IN_FLIGHT = Number(process.env.SNAPBLOCK_BACKUP_READS ?? 8);
+const readsInFlight = () => Number(process.env.SNAPBLOCK_BACKUP_READS ?? 8);
 /** listing budget: keys listed per piece to back up (a page of 1000 keys costs about as much as a few HEADs) */
 const LIST_KEYS_PER_PIECE = 50;
 const CHANGED_PREFIX = 'snapblock:changed:';
@@ -354,9 +354,9 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     const uploads = semaphore(concurrency);
     // NBD reads in flight: the units' pieces queue here (random 1 MiB snapshot reads went
     // at 1150 MiB/s with 8 in flight and 435 with 16, the server being on the same 2 cores)
-    const reads = semaphore(READS_IN_FLIGHT);
+    const reads = semaphore(readsInFlight());
     // summed over units (they overlap): where a backup's time goes, for bench/backup.mjs
-    const timings = { ...marks, setup: performance.now() - tStart, read: 0, slot: 0, put: 0 };
+    const timings: Record<string, number> = { ...marks, setup: performance.now() - tStart, read: 0, slot: 0, put: 0 };
     const progress = createProgress(`backup ${id}`, ctx.progress);
     progress.setTotal(total(pieces));
     for (const [o, l] of pieces) if (done.has(`${o}:${l}`)) (stat.resumedChunks++, progress.add(l));
@@ -463,7 +463,9 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     manifest.completed = new Date().toISOString();
     const idx = await index;
     manifest.stats = { ...stat, seconds, pieces: pieces.length, headRequests: store.stats.heads - heads0, listedChunkKeys: idx?.size ?? 0 };
+    timings.units = performance.now() - tStart;
     await store.put(manifestKey(id), sealManifest(manifest));
+    timings.sealed = performance.now() - tStart;
 
     // Then, at the same time: drop the journal (if there is one), and the snapshots older
     // backups of the volume took (only the newest is needed: the base of the next
@@ -497,6 +499,7 @@ export async function createBackup(ctx: EngineContext, opts: CreateOptions): Pro
     cleanup.push(lease.release().catch(() => {}), nbd.close().catch(() => {}));
     released = true;
     await Promise.all(cleanup);
+    timings.cleanup = performance.now() - tStart;
     return {
       id,
       kind: manifest.kind,
