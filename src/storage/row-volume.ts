@@ -18,6 +18,7 @@ import { DiskRuns, readRuns, writeRuns } from './io.js';
 import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
+import { DeltaMap } from './delta-map.js';
 import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
 
 const UNALLOCATED = 0;
@@ -30,18 +31,13 @@ const MAX_BLOCKS = 0xfffffffe;
 /** checkpoint and restart the journal once it grows past this */
 const JOURNAL_LIMIT = 64 * 1024 * 1024;
 
-interface DeltaEntry {
-  p: number; // physical block + 1
-  birth: number;
-}
-
 interface Snap {
   id: number;
   name: string;
   gen: number;
   size: number;
   created: string;
-  delta: Map<number, DeltaEntry>;
+  delta: DeltaMap;
 }
 
 interface Meta {
@@ -123,7 +119,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   }
 
   private loadSnapshots(meta: Meta, delta: Uint32Array): void {
-    this.snaps = meta.snapshots.map((s) => ({ ...s, delta: new Map() }));
+    this.snaps = meta.snapshots.map((s) => ({ ...s, delta: new DeltaMap() }));
     for (let i = 0; i < delta.length; i += 4) this.snapById(delta[i]).delta.set(delta[i + 1], { p: delta[i + 2], birth: delta[i + 3] });
   }
 
@@ -149,7 +145,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
 
   private applyMeta(m: MetaRecord): void {
     if (m.op === 'snapshot') {
-      this.snaps.push({ id: m.id, name: m.name, gen: m.gen, size: m.size, created: m.created, delta: new Map() });
+      this.snaps.push({ id: m.id, name: m.name, gen: m.gen, size: m.size, created: m.created, delta: new DeltaMap() });
       this.countSnapshot(m);
     } else if (m.op === 'delete-snapshot') {
       this.snaps = this.snaps.filter((s) => s.id !== m.id);
