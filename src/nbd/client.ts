@@ -249,7 +249,7 @@ export class NbdClient {
     this.parse();
   }
 
-  private request(type: number, offset: number, length: number, flags = 0, payload?: Buffer, into?: Buffer): Promise<unknown> {
+  private request(type: number, offset: number, length: number, flags = 0, payload?: Buffer | Buffer[], into?: Buffer): Promise<unknown> {
     if (this.dead) return Promise.reject(this.dead);
     const cookie = this.cookie++;
     const h = Buffer.allocUnsafe(28);
@@ -269,8 +269,16 @@ export class NbdClient {
         }, this.opts.timeoutMs);
       }
       this.pending.set(cookie, p);
+      if (!payload) {
+        this.sock.write(h);
+        return;
+      }
+      // header and payload pieces leave in one writev
+      this.sock.cork();
       this.sock.write(h);
-      if (payload) this.sock.write(payload);
+      if (Array.isArray(payload)) for (const b of payload) this.sock.write(b);
+      else this.sock.write(payload);
+      this.sock.uncork();
     });
   }
 
@@ -355,8 +363,10 @@ export class NbdClient {
     return this.request(Cmd.READ, offset, length, 0, undefined, into?.subarray(0, length)) as Promise<Buffer>;
   }
 
-  async write(offset: number, data: Buffer, fua = false): Promise<void> {
-    await this.request(Cmd.WRITE, offset, data.length, fua ? CmdFlag.FUA : 0, data);
+  /** data: one buffer, or pieces written back to back from offset (one request, no copy) */
+  async write(offset: number, data: Buffer | Buffer[], fua = false): Promise<void> {
+    const length = Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : data.length;
+    await this.request(Cmd.WRITE, offset, length, fua ? CmdFlag.FUA : 0, data);
   }
 
   async flush(): Promise<void> {

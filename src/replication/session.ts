@@ -22,7 +22,7 @@ import type { Volume } from '../storage/volume.js';
 import type { VolumeReplication } from '../pool/catalog.js';
 import { RegionLog } from './region-log.js';
 import { connectPeer } from './peer.js';
-import { ioBuffer, recycle } from '../block/io-buffers.js';
+import { ioBuffer, recycle, retain } from '../block/io-buffers.js';
 
 export type LinkState = 'connecting' | 'syncing' | 'replicating' | 'disconnected' | 'not-capable' | 'error' | 'failed-over' | 'stopped';
 
@@ -64,8 +64,11 @@ interface Active {
   done: Promise<void>;
 }
 
-const MAX_SHIP_ENTRIES = 64;
+/** async shipping: requests in flight on the link, and bytes */
+const MAX_SHIP_REQUESTS = 16;
 const MAX_SHIP_BYTES = 32 * 1024 * 1024;
+/** queued writes back to back on the volume leave as one request of up to this much */
+const COALESCE_BYTES = 4 * 1024 * 1024;
 const COPY_PARALLEL = 8;
 
 /** a sequential writer has this many extents ahead of it made hot (in the background) */
@@ -76,8 +79,14 @@ const COVER_MS = Number(process.env.SNAPBLOCK_REPL_COVER_MS ?? 10_000);
 const STREAMS = 64;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** The async queue's copy of a write payload (the payload is the caller's again once acknowledged). */
-function copyBuffer(src: Buffer): Buffer {
+/**
+ * The async queue's hold on a write payload (the caller owns it again once the write is
+ * acknowledged): a recycled IO buffer (the NBD session receives large payloads into
+ * those) is kept past its owner's recycle, no copy; anything else is copied into one.
+ * Either way it goes back to the pool once shipped.
+ */
+function holdPayload(src: Buffer): Buffer {
+  if (retain(src)) return src;
   const copy = ioBuffer(src.length);
   src.copy(copy);
   return copy;
@@ -107,6 +116,8 @@ export class ReplicationSession {
   private readonly queue: Entry[] = [];
   private readonly shipping = new Set<Entry>();
   private shippingBytes = 0;
+  private shipRequests = 0;
+  private shippingFlush = false;
   private queuedBytes = 0;
   private roomWaiters: Array<() => void> = [];
   private stopped = false;
@@ -294,10 +305,9 @@ export class ReplicationSession {
       await local();
       if (linked()) {
         this.enter(r0, r1); // held until shipped
-        // The one copy async needs: the caller owns `data` again once we resolve
-        // (BlockLayer contract). The copy comes from a pool of reused buffers (a fresh
-        // large allocation costs a page fault per page) and goes back once shipped.
-        const data = e.data ? copyBuffer(e.data) : undefined;
+        // The caller owns `data` again once we resolve (BlockLayer contract): the queue
+        // holds on to it (a recycled IO buffer, no copy) or copies it (holdPayload).
+        const data = e.data ? holdPayload(e.data) : undefined;
         this.queue.push({ ...e, data, r0, r1, queued: Date.now() });
         this.queuedBytes += e.length;
         this.pump();
@@ -432,32 +442,69 @@ export class ReplicationSession {
 
   // ---------------------------------------------------------------- async shipping
 
+  private overlapsShipping(e: Entry): boolean {
+    for (const s of this.shipping) if (s.offset < e.offset + e.length && e.offset < s.offset + s.length) return true;
+    return false;
+  }
+
   private pump(): void {
     const c = this.client;
     if (!c) return;
-    while (this.queue.length && this.shipping.size < MAX_SHIP_ENTRIES && this.shippingBytes < MAX_SHIP_BYTES) {
-      for (const s of this.shipping) if (s.kind === 'flush') return; // barrier in flight
+    while (this.queue.length && this.shipRequests < MAX_SHIP_REQUESTS && this.shippingBytes < MAX_SHIP_BYTES) {
+      if (this.shippingFlush) return; // barrier in flight
       const e = this.queue[0];
       if (e.kind === 'flush' && this.shipping.size) return; // barrier waits for everything before it
-      for (const s of this.shipping) if (s.offset < e.offset + e.length && e.offset < s.offset + s.length) return; // write order for overlaps
+      if (this.overlapsShipping(e)) return; // write order for overlaps
       this.queue.shift();
-      this.shipping.add(e);
-      this.shippingBytes += e.length;
-      this.applyRemote(c, e, false).then(
-        () => {
-          this.shipping.delete(e);
-          if (e.data) recycle(e.data); // the secondary replied: the socket is done with it
-          this.shipped(e);
-          this.pump();
-        },
-        (err: Error) => {
-          this.shipping.delete(e);
-          if (e.kind !== 'flush') this.setNeed(e.r0, e.r1);
-          this.shipped(e);
-          this.linkLost(c, err);
-        },
-      );
+      const batch = [e];
+      if (e.kind === 'write') {
+        // Writes queued back to back on the volume leave as one request (no copy: writev).
+        const max = Math.min(COALESCE_BYTES, c.maxPayload);
+        let end = e.offset + e.length;
+        let bytes = e.length;
+        for (let n = this.queue[0]; n && n.kind === 'write' && n.offset === end && bytes + n.length <= max && !this.overlapsShipping(n); n = this.queue[0]) {
+          this.queue.shift();
+          batch.push(n);
+          end += n.length;
+          bytes += n.length;
+        }
+      }
+      this.ship(c, batch);
     }
+  }
+
+  private ship(c: NbdClient, batch: Entry[]): void {
+    for (const x of batch) {
+      this.shipping.add(x);
+      this.shippingBytes += x.length;
+    }
+    this.shipRequests++;
+    const e = batch[0];
+    if (e.kind === 'flush') this.shippingFlush = true;
+    const sent = batch.length > 1 ? c.write(e.offset, batch.map((x) => x.data!)) : this.applyRemote(c, e, false);
+    const settle = () => {
+      this.shipRequests--;
+      if (e.kind === 'flush') this.shippingFlush = false;
+      for (const x of batch) this.shipping.delete(x);
+    };
+    sent.then(
+      () => {
+        settle();
+        for (const x of batch) {
+          if (x.data) recycle(x.data); // the secondary replied: the socket is done with it
+          this.shipped(x);
+        }
+        this.pump();
+      },
+      (err: Error) => {
+        settle();
+        for (const x of batch) {
+          if (x.kind !== 'flush') this.setNeed(x.r0, x.r1);
+          this.shipped(x);
+        }
+        this.linkLost(c, err);
+      },
+    );
   }
 
   private shipped(e: Entry): void {
@@ -475,6 +522,7 @@ export class ReplicationSession {
   private unqueue(): void {
     for (const e of this.queue.splice(0)) {
       if (e.kind !== 'flush') this.setNeed(e.r0, e.r1);
+      if (e.data) recycle(e.data);
       this.shipped(e);
     }
     const w = this.roomWaiters;
