@@ -5,7 +5,7 @@
 // Then the async lag (RPO) under a steady rate-limited load (default 100 MB/s).
 //
 //   node bench/replication.mjs [--runtime S] [--rounds N] [--size 1G] [--rate 100m] [--jobs seqwrite,randwrite]
-//                              [--out bench/results] [--keep]
+//                              [--out bench/results] [--keep] [--no-fill] [--no-settle]
 //
 // Needs dist/ (npm ci / npx tsc -p .) and fio with ioengine=nbd.
 // Targets (docs/REPLICATION.md): sync >= 0.7x unreplicated throughput, async >= 0.95x,
@@ -33,6 +33,11 @@ const keep = args.includes('--keep');
 // Between runs: wait until the system's dirty pages are written back, so that a run does
 // not pay for the writeback of the one before (both copies share this machine's disk).
 const settle = !args.includes('--no-settle');
+// Before the timed runs every volume is written once end to end (and the replicas caught
+// up): otherwise the unreplicated volume, which wraps around its size within a second,
+// is timed mostly on overwrites while the slower replicated ones are timed on first writes
+// (block allocation on both copies), which cost several times more. --no-fill times that.
+const fill = !args.includes('--no-fill');
 const PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH}`;
 
 const JOBS = {
@@ -121,6 +126,13 @@ async function main() {
   await control(aPool, 'volume.create', { name: 'vsync', size: parseSize(size), type: 'sync' });
   await control(aPool, 'volume.create', { name: 'vasync', size: parseSize(size), type: 'async' });
   for (const v of Object.values(vols)) await waitInSync(aPool, v);
+  if (fill) {
+    for (const v of Object.values(vols)) {
+      const r = spawnSync('fio', ['--name=fill', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${a.port}/${v}`, '--rw=write', '--bs=1m', '--iodepth=8', `--size=${size}`], { env: { ...process.env, PATH }, encoding: 'utf8' });
+      if (r.status !== 0) throw new Error(`fio fill of ${v} failed: ${r.stderr}`);
+      await waitInSync(aPool, v);
+    }
+  }
 
   const results = {};
   for (const job of jobs) {
@@ -164,7 +176,7 @@ async function main() {
     samples: steady.length,
   };
 
-  const report = { date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, loadavgStart, loadavgEnd: os.loadavg(), runtime, rounds, size, settle, results, asyncLag: lag };
+  const report = { date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, loadavgStart, loadavgEnd: os.loadavg(), runtime, rounds, size, settle, fill, results, asyncLag: lag };
   fs.mkdirSync(out, { recursive: true });
   const file = path.join(out, `replication-${new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15)}.json`);
   fs.writeFileSync(file, JSON.stringify(report, null, 2) + '\n');
