@@ -72,7 +72,8 @@ function serve(pool) {
 function control(pool, op, a = {}) {
   const body = JSON.stringify({ op, args: a });
   return new Promise((resolve, reject) => {
-    const req = http.request({ socketPath: path.join(pool, 'control.sock'), method: 'POST', path: '/v1/call', headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+    // no keep-alive: a pooled connection goes stale while a blocking fill runs (EPIPE)
+    const req = http.request({ socketPath: path.join(pool, 'control.sock'), method: 'POST', path: '/v1/call', agent: false, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
       let d = '';
       res.on('data', (c) => (d += c));
       res.on('end', () => (res.statusCode < 400 ? resolve(JSON.parse(d)) : reject(new Error(d))));
