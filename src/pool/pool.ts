@@ -403,10 +403,17 @@ export class Pool implements ExportProvider {
     }
     const metaContexts: MetaContextSource[] = contexts
       .filter((s) => s.status === 'valid')
-      .map((s) => ({
-        name: `${SNAPSHOT_CONTEXT_PREFIX}${s.name}`,
-        descriptors: async (offset, length) => changedDescriptors(await v.changedExtents(s.name, snapName), offset, length),
-      }));
+      .map((s) => {
+        // Between two snapshots the answer never changes: computed once per connection,
+        // not once per BLOCK_STATUS request (a request covers at most 4 GiB, and each
+        // computation walks the whole block table: ~0.15-0.3 s for an 8 GiB volume here).
+        let memo: Promise<ChangedExtent[]> | undefined;
+        const changed = () => (snapName === undefined ? v.changedExtents(s.name, snapName) : (memo ??= v.changedExtents(s.name, snapName)));
+        return {
+          name: `${SNAPSHOT_CONTEXT_PREFIX}${s.name}`,
+          descriptors: async (offset: number, length: number) => changedDescriptors(await changed(), offset, length),
+        };
+      });
     this.connections.set(exportName, (this.connections.get(exportName) ?? 0) + 1);
     let released = false;
     return {
