@@ -67,6 +67,11 @@ export class NbdClient {
   private wake?: () => void;
   private dead?: Error;
   private negotiating = true;
+  private corked = false;
+  private readonly uncork = () => {
+    this.corked = false;
+    this.sock.uncork();
+  };
 
   private constructor(
     private sock: net.Socket,
@@ -269,16 +274,16 @@ export class NbdClient {
         }, this.opts.timeoutMs);
       }
       this.pending.set(cookie, p);
-      if (!payload) {
-        this.sock.write(h);
-        return;
+      // Requests issued in one turn (the callers' microtasks included) leave together in
+      // one writev, headers and payload pieces alike: one syscall, not two per request.
+      if (!this.corked) {
+        this.corked = true;
+        this.sock.cork();
+        process.nextTick(this.uncork);
       }
-      // header and payload pieces leave in one writev
-      this.sock.cork();
       this.sock.write(h);
       if (Array.isArray(payload)) for (const b of payload) this.sock.write(b);
-      else this.sock.write(payload);
-      this.sock.uncork();
+      else if (payload) this.sock.write(payload);
     });
   }
 
