@@ -674,51 +674,80 @@ export async function restoreBackup(ctx: EngineContext, id: string, opts: Restor
     const free: Buffer[] = [];
     timings.setup = performance.now() - tStart;
     try {
-      await forEachLimit(fetches, ctx.concurrency ?? DEFAULT_CONCURRENCY, async (f) => {
-        const s0 = f.segs[0];
-        const mem = free.pop() ?? Buffer.allocUnsafeSlow(bufSize);
+      // GETs and writes overlap: a worker hands each object it received to a write job
+      // (decode, check, write its segments, give the buffer back) and fetches the next
+      // one; at most `conc` jobs at a time, so at most 2 x conc buffers.
+      const conc = ctx.concurrency ?? DEFAULT_CONCURRENCY;
+      const jobs = new Set<Promise<void>>();
+      let jobError: unknown;
+      let writing = 0;
+      const slotFree: Array<() => void> = [];
+      const writeObject = async (f: (typeof fetches)[number], obj: Buffer) => {
+        // each chunk in the object decoded once (a pack holds several), written as
+        // soon as it is checked; all writes of the object in flight together
+        const contents = new Map<number, Buffer>();
+        const writes: Array<Promise<void>> = [];
         try {
-          let t = performance.now();
-          const obj = await store.get(f.key, mem);
-          timings.get += performance.now() - t;
-          if (!obj) throw new BackupError('ECORRUPT', `${describeSeg(s0)} is missing`);
-          // each chunk in the object decoded once (a pack holds several), written as
-          // soon as it is checked; all writes of the object in flight together
-          const contents = new Map<number, Buffer>();
-          const writes: Array<Promise<void>> = [];
-          try {
-            for (const s of f.segs) {
-              const at = s.packAt ?? 0;
-              let content = contents.get(at);
-              if (!content) {
-                try {
-                  t = performance.now();
-                  content = await decode(storedBytesOf(obj, s), s.codec, s.sha, s.chunkLength);
-                  timings.decode += performance.now() - t;
-                } catch (err) {
-                  if (err instanceof ChunkError) throw new BackupError('ECORRUPT', `${describeSeg(s)} is ${err.reason}: ${err.message}; restore refused`);
-                  throw err;
-                }
-                contents.set(at, content);
+          for (const s of f.segs) {
+            const at = s.packAt ?? 0;
+            let content = contents.get(at);
+            if (!content) {
+              try {
+                const t = performance.now();
+                content = await decode(storedBytesOf(obj, s), s.codec, s.sha, s.chunkLength);
+                timings.decode += performance.now() - t;
+              } catch (err) {
+                if (err instanceof ChunkError) throw new BackupError('ECORRUPT', `${describeSeg(s)} is ${err.reason}: ${err.message}; restore refused`);
+                throw err;
               }
-              writes.push(
-                put(s.offset, content.subarray(s.within, s.within + s.length)).then(() => {
-                  written += s.length;
-                  progress.add(s.length);
-                }),
-              );
+              contents.set(at, content);
             }
-          } finally {
-            // every write settled before mem is reused (the socket may still hold it)
-            t = performance.now();
-            const bad = (await Promise.allSettled(writes)).find((r) => r.status === 'rejected');
-            timings.write += performance.now() - t;
-            if (bad) throw (bad as PromiseRejectedResult).reason;
+            writes.push(
+              put(s.offset, content.subarray(s.within, s.within + s.length)).then(() => {
+                written += s.length;
+                progress.add(s.length);
+              }),
+            );
           }
         } finally {
-          free.push(mem);
+          // every write settled before the buffer is reused (the socket may still hold it)
+          const t = performance.now();
+          const bad = (await Promise.allSettled(writes)).find((r) => r.status === 'rejected');
+          timings.write += performance.now() - t;
+          if (bad) throw (bad as PromiseRejectedResult).reason;
         }
-      });
+      };
+      try {
+        await forEachLimit(fetches, conc, async (f) => {
+          if (jobError !== undefined) throw jobError;
+          const mem = free.pop() ?? Buffer.allocUnsafeSlow(bufSize);
+          let handed = false;
+          try {
+            const t = performance.now();
+            const obj = await store.get(f.key, mem);
+            timings.get += performance.now() - t;
+            if (!obj) throw new BackupError('ECORRUPT', `${describeSeg(f.segs[0])} is missing`);
+            while (writing >= conc) await new Promise<void>((r) => slotFree.push(r));
+            if (jobError !== undefined) throw jobError;
+            writing++;
+            handed = true;
+            const job: Promise<void> = writeObject(f, obj)
+              .catch((err: unknown) => void (jobError ??= err))
+              .finally(() => {
+                free.push(mem);
+                writing--;
+                jobs.delete(job);
+                slotFree.shift()?.();
+              });
+            jobs.add(job);
+          } finally {
+            if (!handed) free.push(mem);
+          }
+        });
+      } finally {
+        await Promise.all([...jobs]);
+      }
+      if (jobError !== undefined) throw jobError;
     } finally {
       progress.stop();
     }
