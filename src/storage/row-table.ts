@@ -12,9 +12,12 @@ const MASK = PAGE_ENTRIES - 1;
 
 export class PointerTable {
   private pages: Array<Uint32Array | undefined>;
+  /** per page, an upper bound of its births: lets bornAfter() skip pages untouched since a generation */
+  private maxBirth: number[];
 
   constructor(private n: number) {
     this.pages = new Array(Math.ceil(n / PAGE_ENTRIES));
+    this.maxBirth = new Array<number>(this.pages.length).fill(0);
   }
 
   /** number of logical blocks */
@@ -40,13 +43,27 @@ export class PointerTable {
     }
     p[l & MASK] = ptr;
     p[PAGE_ENTRIES + (l & MASK)] = birth;
+    if (birth > this.maxBirth[l >>> PAGE_SHIFT]) this.maxBirth[l >>> PAGE_SHIFT] = birth;
   }
 
   /** Grow to n blocks (shrinking is done by clearing entries; the length stays). */
   grow(n: number): void {
     if (n <= this.n) return;
     this.n = n;
-    this.pages.length = Math.ceil(n / PAGE_ENTRIES);
+    const pages = Math.ceil(n / PAGE_ENTRIES);
+    while (this.maxBirth.length < pages) this.maxBirth.push(0);
+    this.pages.length = pages;
+  }
+
+  /** Calls fn for every block born after generation gen (skipping whole pages born no later). */
+  bornAfter(gen: number, fn: (l: number) => void): void {
+    for (let i = 0; i < this.pages.length; i++) {
+      const p = this.pages[i];
+      if (p === undefined || this.maxBirth[i] <= gen) continue;
+      const base = i * PAGE_ENTRIES;
+      const end = Math.min(PAGE_ENTRIES, this.n - base);
+      for (let j = 0; j < end; j++) if (p[PAGE_ENTRIES + j] > gen) fn(base + j);
+    }
   }
 
   /** Calls fn for every block of an existing page (blocks of absent pages are all 0/0). */
@@ -107,6 +124,7 @@ export class PointerTable {
       p.set(map.subarray(k * PAGE_ENTRIES, (k + 1) * PAGE_ENTRIES), 0);
       p.set(birth.subarray(k * PAGE_ENTRIES, (k + 1) * PAGE_ENTRIES), PAGE_ENTRIES);
       t.pages[i] = p;
+      t.maxBirth[i] = p.subarray(PAGE_ENTRIES).reduce((m, x) => (x > m ? x : m), 0);
     });
     return t;
   }

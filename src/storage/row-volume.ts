@@ -504,9 +504,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     const b = to === undefined ? undefined : this.snapByName(to);
     const candidates = new Set<number>();
     for (let i = this.snaps.indexOf(a); i < this.snaps.length; i++) for (const l of this.snaps[i].delta.keys()) candidates.add(l);
-    this.table.forEach((l, _p, birth) => {
-      if (birth > a.gen) candidates.add(l);
-    });
+    this.table.bornAfter(a.gen, (l) => candidates.add(l));
     const size = Math.min(a.size, b ? b.size : this.meta.size);
     const changed: number[] = [];
     for (const l of candidates) if (l * this.meta.blockSize < size && this.resolve(a, l) !== this.resolve(b, l)) changed.push(l);
