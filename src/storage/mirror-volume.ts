@@ -20,7 +20,7 @@ import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
-import { ioBuffer } from '../block/io-buffers.js';
+import { ioBuffer, recycle } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
 import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
 
@@ -368,16 +368,23 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   /** Copy [start, end) of the primary to the mirror, skipping holes (punching them when asked). */
   private async copyRange(start: number, end: number, punch: boolean): Promise<void> {
     const mfd = this.mirrorFd!;
-    for (const e of await fileExtents(this.fd, start, end - start)) {
-      if (e.hole) {
-        if (punch) await native.punchHole(mfd, e.offset, e.length);
-        continue;
+    // One recycled buffer for the whole range: a fresh 4 MiB buffer per piece made V8 run a
+    // mark-compact every few hundred ms on external-memory pressure (5-22 ms pauses each).
+    const piece = ioBuffer(COPY_PIECE);
+    try {
+      for (const e of await fileExtents(this.fd, start, end - start)) {
+        if (e.hole) {
+          if (punch) await native.punchHole(mfd, e.offset, e.length);
+          continue;
+        }
+        for (let at = e.offset; at < e.offset + e.length; at += COPY_PIECE) {
+          const buf = piece.subarray(0, Math.min(COPY_PIECE, e.offset + e.length - at));
+          await readAt(this.fd, buf, at);
+          await writeAt(mfd, buf, at);
+        }
       }
-      for (let at = e.offset; at < e.offset + e.length; at += COPY_PIECE) {
-        const buf = Buffer.allocUnsafe(Math.min(COPY_PIECE, e.offset + e.length - at));
-        await readAt(this.fd, buf, at);
-        await writeAt(mfd, buf, at);
-      }
+    } finally {
+      recycle(piece);
     }
   }
 
