@@ -18,7 +18,7 @@ import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type 
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
-import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
+import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
 
 /** table entry slot: the original block read as zeroes, so nothing was stored */
 const HOLE = 0xffffffff;
@@ -51,16 +51,10 @@ interface Snap {
   own: number;
 }
 
-interface Meta {
+interface Meta extends VolumeMeta {
   format: 'snapblock-cow';
-  version: number;
-  epoch: number;
-  size: number;
-  blockSize: number;
   /** bytes of reserve per snapshot */
   reserve: number;
-  gen: number;
-  nextSnapId: number;
   snapshots: Array<{ id: number; name: string; gen: number; size: number; created: string; status: 'valid' | 'invalid' }>;
 }
 

@@ -22,7 +22,7 @@ import { GroupCommit, fileExtents, readAt } from './io.js';
 import { SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { ioBuffer, recycle } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
-import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
+import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
 
 const FORMAT_VERSION = 1;
 const JOURNAL_LIMIT = 64 * 1024 * 1024;
@@ -51,14 +51,8 @@ interface Snap {
   own: number;
 }
 
-interface Meta {
+interface Meta extends VolumeMeta {
   format: 'snapblock-mirror';
-  version: number;
-  epoch: number;
-  size: number;
-  blockSize: number;
-  gen: number;
-  nextSnapId: number;
   snapshots: Array<{ id: number; name: string; gen: number; size: number; created: string }>;
   /** cursor: [0, cursor) of the mirror is known to equal the primary */
   mirror: { state: MirrorState; cursor: number };

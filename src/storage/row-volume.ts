@@ -19,7 +19,7 @@ import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
 import { DeltaMap } from './delta-map.js';
-import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint } from './journaled-volume.js';
+import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
 
 const UNALLOCATED = 0;
 /** deallocated on purpose: reads zero even where a base (clone parent) has data */
@@ -40,15 +40,9 @@ interface Snap {
   delta: DeltaMap;
 }
 
-interface Meta {
+interface Meta extends VolumeMeta {
   format: 'snapblock-row';
-  version: number;
-  epoch: number;
-  size: number;
-  blockSize: number;
-  gen: number;
   nextPhysical: number;
-  nextSnapId: number;
   /** format 2: entries per pointer-table page */
   tablePage?: number;
   snapshots: Array<{ id: number; name: string; gen: number; size: number; created: string }>;
