@@ -55,7 +55,7 @@ export class Journal {
     end: number,
   ) {
     this.writeAt = end;
-    this.allocEnd = end;
+    this.allocEnd = preallocate(fd, end);
   }
 
   /** Open (creating if needed) and return the records of valid batches for this epoch. */
@@ -71,7 +71,6 @@ export class Journal {
       // New, foreign or stale journal: start it afresh for this epoch.
       writeHeader(fd, epoch);
       fs.ftruncateSync(fd, HEADER);
-      fs.fdatasyncSync(fd);
       return { journal: new Journal(fd, epoch, HEADER), records };
     }
     const data = Buffer.alloc(size - HEADER);
@@ -89,7 +88,7 @@ export class Journal {
       pos += BATCH_HEADER + len;
     }
     end = HEADER + pos;
-    if (end < size) fs.ftruncateSync(fd, end); // torn or garbage tail, or preallocated zeroes
+    if (end < size) fs.ftruncateSync(fd, end); // torn or garbage tail, or preallocated zeroes (written afresh next)
     return { journal: new Journal(fd, epoch, end), records };
   }
 
@@ -166,15 +165,26 @@ export class Journal {
     this.epoch = epoch;
     writeHeader(this.fd, epoch);
     fs.ftruncateSync(this.fd, HEADER);
-    fs.writeSync(this.fd, ZEROES, 0, PREALLOC - HEADER, HEADER);
-    fs.fdatasyncSync(this.fd);
     this.writeAt = HEADER;
-    this.allocEnd = PREALLOC;
+    this.allocEnd = preallocate(this.fd, HEADER);
   }
 
   close(): void {
     fs.closeSync(this.fd);
   }
+}
+
+/**
+ * Write zeroes from `from` to the next PREALLOC boundary at least PREALLOC ahead and make
+ * them (and the header before them) durable, so the first commit after an open or a reset
+ * is a plain overwrite too (it was a size change: ~11 ms instead of ~1 on ext4 here).
+ * Returns the new end of the written area.
+ */
+function preallocate(fd: number, from: number): number {
+  const end = Math.ceil((from + PREALLOC) / PREALLOC) * PREALLOC;
+  for (let z = from; z < end; z += PREALLOC) fs.writeSync(fd, ZEROES, 0, Math.min(PREALLOC, end - z), z);
+  fs.fdatasyncSync(fd);
+  return end;
 }
 
 function writeHeader(fd: number, epoch: number): void {
