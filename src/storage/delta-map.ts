@@ -15,19 +15,23 @@ const EMPTY = 0xffffffff;
 const MIN_CAPACITY = 16;
 
 export class DeltaMap {
-  private blocks: Uint32Array;
-  private ptrs: Uint32Array;
-  private births: Uint32Array;
+  private blocks!: Uint32Array;
+  private ptrs!: Uint32Array;
+  private births!: Uint32Array;
+  private shift!: number;
   private count = 0;
-  private shift: number;
 
-  constructor(capacity = MIN_CAPACITY) {
-    let cap = MIN_CAPACITY;
-    while (cap < capacity * 2) cap *= 2;
-    this.blocks = new Uint32Array(cap).fill(EMPTY);
-    this.ptrs = new Uint32Array(cap);
-    this.births = new Uint32Array(cap);
-    this.shift = 32 - Math.log2(cap);
+  constructor() {
+    this.allocate(MIN_CAPACITY);
+  }
+
+  /** empty arrays of `capacity` slots (a power of two) */
+  private allocate(capacity: number): void {
+    this.blocks = new Uint32Array(capacity).fill(EMPTY);
+    this.ptrs = new Uint32Array(capacity);
+    this.births = new Uint32Array(capacity);
+    this.shift = 32 - Math.log2(capacity);
+    this.count = 0;
   }
 
   get size(): number {
@@ -38,8 +42,8 @@ export class DeltaMap {
     return Math.imul(l, 0x9e3779b1) >>> this.shift;
   }
 
-  /** slot of l, or -1 */
-  private find(l: number): number {
+  /** slot of l, or -1; read it with ptrAt / birthAt (no object per lookup on the read path) */
+  slotOf(l: number): number {
     const mask = this.blocks.length - 1;
     for (let i = this.home(l); ; i = (i + 1) & mask) {
       const k = this.blocks[i];
@@ -48,13 +52,16 @@ export class DeltaMap {
     }
   }
 
-  has(l: number): boolean {
-    return this.find(l) >= 0;
+  ptrAt(slot: number): number {
+    return this.ptrs[slot];
   }
 
-  get(l: number): DeltaEntry | undefined {
-    const i = this.find(l);
-    return i < 0 ? undefined : { p: this.ptrs[i], birth: this.births[i] };
+  birthAt(slot: number): number {
+    return this.births[slot];
+  }
+
+  has(l: number): boolean {
+    return this.slotOf(l) >= 0;
   }
 
   set(l: number, e: DeltaEntry): this {
@@ -73,7 +80,7 @@ export class DeltaMap {
   }
 
   delete(l: number): boolean {
-    let i = this.find(l);
+    let i = this.slotOf(l);
     if (i < 0) return false;
     const mask = this.blocks.length - 1;
     // Backward shift: pull later entries of the probe run into the hole so lookups never stop early.
@@ -91,20 +98,6 @@ export class DeltaMap {
     this.count--;
     if (this.blocks.length > MIN_CAPACITY && this.count * 8 < this.blocks.length) this.rehash(this.blocks.length / 2);
     return true;
-  }
-
-  clear(): void {
-    this.blocks = new Uint32Array(MIN_CAPACITY).fill(EMPTY);
-    this.ptrs = new Uint32Array(MIN_CAPACITY);
-    this.births = new Uint32Array(MIN_CAPACITY);
-    this.shift = 32 - Math.log2(MIN_CAPACITY);
-    this.count = 0;
-  }
-
-  /** Calls fn for every entry (in no particular order); fn must not change the map. */
-  forEach(fn: (p: number, l: number, birth: number) => void): void {
-    const { blocks, ptrs, births } = this;
-    for (let i = 0; i < blocks.length; i++) if (blocks[i] !== EMPTY) fn(ptrs[i], blocks[i], births[i]);
   }
 
   /** the blocks present; the map must not change during the iteration */
@@ -125,11 +118,7 @@ export class DeltaMap {
 
   private rehash(capacity: number): void {
     const { blocks: keys, ptrs, births } = this;
-    this.blocks = new Uint32Array(capacity).fill(EMPTY);
-    this.ptrs = new Uint32Array(capacity);
-    this.births = new Uint32Array(capacity);
-    this.shift = 32 - Math.log2(capacity);
-    this.count = 0;
+    this.allocate(capacity);
     const mask = capacity - 1;
     for (let k = 0; k < keys.length; k++) {
       const l = keys[k];

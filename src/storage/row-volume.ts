@@ -341,8 +341,9 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   private resolve(snap: Snap | undefined, l: number): number {
     if (!snap) return this.table.ptr(l);
     for (let i = this.snaps.indexOf(snap); i < this.snaps.length; i++) {
-      const e = this.snaps[i].delta.get(l);
-      if (e) return e.birth <= snap.gen ? e.p : UNALLOCATED;
+      const d = this.snaps[i].delta;
+      const k = d.slotOf(l);
+      if (k >= 0) return d.birthAt(k) <= snap.gen ? d.ptrAt(k) : UNALLOCATED;
     }
     return this.table.birth(l) <= snap.gen ? this.table.ptr(l) : UNALLOCATED;
   }
