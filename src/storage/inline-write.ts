@@ -119,20 +119,11 @@ export const inlineWrites = new InlineWriteGate(process.env.SNAPBLOCK_INLINE_WRI
 function inline(fd: number, bufs: Buffer[], at: number, length: number): Promise<void> {
   const t = performance.now();
   try {
-    let done = bufs.length === 1 ? fs.writeSync(fd, bufs[0], 0, length, at) : fs.writevSync(fd, bufs, at);
-    // a short write (rare on regular files): finish buffer by buffer
-    for (let i = 0, skip = done; done < length; i++) {
-      const buf = bufs[i];
-      if (skip >= buf.length) {
-        skip -= buf.length;
-        continue;
-      }
-      for (let off = skip; off < buf.length; ) {
-        const n = fs.writeSync(fd, buf, off, buf.length - off, at + done);
-        off += n;
-        done += n;
-      }
-      skip = 0;
+    const done = bufs.length === 1 ? fs.writeSync(fd, bufs[0], 0, length, at) : fs.writevSync(fd, bufs, at);
+    if (done < length) {
+      // a short write (rare on regular files): the rest from one joined copy
+      const rest = Buffer.concat(bufs).subarray(done);
+      for (let off = 0; off < rest.length; ) off += fs.writeSync(fd, rest, off, rest.length - off, at + done + off);
     }
   } catch (err) {
     return Promise.reject(err);

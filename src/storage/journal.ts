@@ -143,7 +143,7 @@ export class Journal {
       this.writeAt += BATCH_HEADER + payload.length;
       if (this.writeAt > this.allocEnd) {
         // Zeroes first, then the batch over them; one fdatasync covers both (and the new size).
-        const end = Math.ceil((this.writeAt + PREALLOC) / PREALLOC) * PREALLOC;
+        const end = writtenAheadEnd(this.writeAt);
         for (let z = this.allocEnd; z < end; z += PREALLOC) await native.pwrite(this.fd, ZEROES.subarray(0, Math.min(PREALLOC, end - z)), z);
         this.allocEnd = end;
         await native.pwritev(this.fd, [h, payload], at);
@@ -174,6 +174,9 @@ export class Journal {
   }
 }
 
+/** where the zeroes written ahead of `from` end: the next PREALLOC boundary at least PREALLOC ahead */
+const writtenAheadEnd = (from: number) => Math.ceil((from + PREALLOC) / PREALLOC) * PREALLOC;
+
 /**
  * Write zeroes from `from` to the next PREALLOC boundary at least PREALLOC ahead and make
  * them (and the header before them) durable, so the first commit after an open or a reset
@@ -181,7 +184,7 @@ export class Journal {
  * Returns the new end of the written area.
  */
 function preallocate(fd: number, from: number): number {
-  const end = Math.ceil((from + PREALLOC) / PREALLOC) * PREALLOC;
+  const end = writtenAheadEnd(from);
   for (let z = from; z < end; z += PREALLOC) fs.writeSync(fd, ZEROES, 0, Math.min(PREALLOC, end - z), z);
   fs.fdatasyncSync(fd);
   return end;
