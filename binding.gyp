@@ -7,6 +7,7 @@
         "native/file_io.cc",
         "native/space.cc",
         "native/memory.cc",
+        "native/socket_io.cc",
         "native/module.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

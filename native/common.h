@@ -53,5 +53,6 @@ class Job : public Napi::AsyncWorker {
 void InitFileIo(Napi::Env env, Napi::Object exports);
 void InitSpace(Napi::Env env, Napi::Object exports);
 void InitMemory(Napi::Env env, Napi::Object exports);
+void InitSocketIo(Napi::Env env, Napi::Object exports);
 
 }  // namespace snapblock

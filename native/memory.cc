@@ -1,7 +1,9 @@
-// Aligned buffers for O_DIRECT and the alignment an fd needs.
+// Aligned buffers for O_DIRECT, the alignment an fd needs, and read-only file mappings.
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -67,9 +69,28 @@ Napi::Value Alignment(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, std::max(align, kMinAlignment));
 }
 
+// mapFile(fd, offset, length): a read-only shared mapping of the file as a Buffer, unmapped when
+// the Buffer is collected. Touching a byte past the file's end raises SIGBUS: callers keep
+// every access below the size they checked (src/storage/file-map.ts).
+Napi::Value MapFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0);
+  int64_t offset = ArgUint(info, 1, "offset");
+  int64_t length = ArgUint(info, 2, "length");
+  if (length == 0 || offset % sysconf(_SC_PAGESIZE) != 0) {
+    throw Napi::TypeError::New(env, "mapFile: offset must be page-aligned and length positive");
+  }
+  void* mem = mmap(nullptr, static_cast<size_t>(length), PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (mem == MAP_FAILED) throw ErrnoError(env, errno, "mmap");
+  size_t len = static_cast<size_t>(length);
+  return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(mem), len,
+                                    [len](Napi::Env, uint8_t* data) { munmap(data, len); });
+}
+
 }  // namespace
 
 void InitMemory(Napi::Env env, Napi::Object exports) {
+  exports.Set("mapFile", Napi::Function::New(env, MapFile, "mapFile"));
   exports.Set("allocAligned", Napi::Function::New(env, AllocAligned, "allocAligned"));
   exports.Set("alignment", Napi::Function::New(env, Alignment, "alignment"));
 }

@@ -7,6 +7,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   snapblock::InitFileIo(env, exports);
   snapblock::InitSpace(env, exports);
   snapblock::InitMemory(env, exports);
+  snapblock::InitSocketIo(env, exports);
   return exports;
 }
 

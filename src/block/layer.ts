@@ -49,6 +49,13 @@ export interface Capabilities {
   extents: boolean;
 }
 
+/** A range of a layer as views of mapped file memory (BlockLayer.readMapped). */
+export interface MappedRange {
+  /** the range in order: bytes (valid to read until release()), or the length of a hole that reads as zeroes */
+  pieces: Array<Buffer | number>;
+  release(): void;
+}
+
 export interface BlockLayer {
   readonly size: number;
   readonly caps: Capabilities;
@@ -64,6 +71,13 @@ export interface BlockLayer {
   zero(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
   /** contiguous, ordered extents starting at offset; may cover less than length but at least one byte */
   extents(offset: number, length: number): Promise<Extent[]>;
+  /**
+   * Optional: [offset, offset+length) as pinned views of mapped file memory, for replies that
+   * leave without first being copied into a buffer; undefined where this layer cannot give
+   * them (the caller then uses read). The bytes are read when the caller reads the views, so
+   * a layer offers this only where nothing but a write to this same range changes them.
+   */
+  readMapped?(offset: number, length: number): MappedRange | undefined;
   /** prefetch hint */
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

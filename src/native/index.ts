@@ -38,8 +38,11 @@ interface Addon {
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
   extents(fd: number, offset: number, length: number): Promise<Float64Array>;
+  extentsNow(fd: number, offset: number, length: number): Float64Array;
   allocAligned(size: number, alignment: number): Buffer;
   alignment(fd: number): number;
+  sendBuffers(fd: number, bufs: Buffer[], timeoutMs: number): Promise<number>;
+  mapFile(fd: number, offset: number, length: number): Buffer;
 }
 
 const require = createRequire(import.meta.url);
@@ -73,12 +76,32 @@ export const zeroRange = (fd: number, offset: number, length: number): Promise<v
   addon.zeroRange(fd, offset, length);
 /** SEEK_DATA/SEEK_HOLE map of [offset, offset+length), clipped to file size, contiguous and in order. */
 export async function extents(fd: number, offset: number, length: number): Promise<Extent[]> {
-  const flat = await addon.extents(fd, offset, length);
+  return unflatten(await addon.extents(fd, offset, length));
+}
+function unflatten(flat: Float64Array): Extent[] {
   const out: Extent[] = [];
   for (let i = 0; i < flat.length; i += 3) out.push({ offset: flat[i], length: flat[i + 1], data: flat[i + 2] === 1 });
   return out;
+}
+/**
+ * extents() computed on the JS thread, from the filesystem's cached extent tree: only for
+ * ranges about to be read from the page cache anyway (file-map.ts).
+ */
+export function extentsNow(fd: number, offset: number, length: number): Extent[] {
+  return unflatten(addon.extentsNow(fd, offset, length));
 }
 /** A Buffer whose memory is aligned for O_DIRECT (default 4096). */
 export const allocAligned = (size: number, alignment = 4096): Buffer => addon.allocAligned(size, alignment);
 /** The alignment O_DIRECT needs on this fd (logical block size of the device, at least 512). */
 export const directAlignment = (fd: number): number => addon.alignment(fd);
+/**
+ * Send bufs in order on a connected socket from the thread pool, waiting for room up to
+ * timeoutMs in all; resolves with the bytes sent (short only when the time ran out).
+ */
+export const sendBuffers = (fd: number, bufs: Buffer[], timeoutMs: number): Promise<number> =>
+  addon.sendBuffers(fd, bufs, timeoutMs);
+/**
+ * A read-only shared mapping of [offset, offset+length) of the file, unmapped when the Buffer
+ * is collected. Touching a byte past the file's end kills the process (SIGBUS): see file-map.ts.
+ */
+export const mapFile = (fd: number, offset: number, length: number): Buffer => addon.mapFile(fd, offset, length);

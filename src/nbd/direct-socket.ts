@@ -19,6 +19,8 @@ export interface DirectReceiver {
 
 export class DirectSocket {
   readonly socket: net.Socket;
+  /** the socket's descriptor (ours: the accepted one was duplicated and closed) */
+  readonly fd: number;
   private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH);
   private target?: { buf: Buffer; filled: number; done: () => void };
 
@@ -26,6 +28,7 @@ export class DirectSocket {
     fd: number,
     private readonly receiver: DirectReceiver,
   ) {
+    this.fd = fd;
     // `onread` is honoured by the Socket constructor (Node >= 12) though @types/node only
     // declares it for connect().
     const options: net.SocketConstructorOpts & Pick<net.TcpSocketConnectOpts, 'onread'> = {

@@ -95,7 +95,7 @@ export class NbdServer {
       await session.done;
       this.sessions.delete(session);
       await neg.opened.release();
-      log.info({ export: neg.opened.name }, 'NBD client disconnected');
+      log.info({ export: neg.opened.name, ...session.stats }, 'NBD client disconnected');
     } catch (err) {
       clearTimeout(timer);
       this.handshaking.delete(socket);

@@ -4,7 +4,7 @@
 // payloads and pending replies we stop reading the socket until work completes.
 import type net from 'node:net';
 import type { Logger } from 'pino';
-import type { BlockLayer } from '../block/layer.js';
+import type { BlockLayer, MappedRange } from '../block/layer.js';
 import type { Negotiated } from './handshake.js';
 import type { MetaContextSource } from './exports.js';
 import { ByteQueue } from './byte-queue.js';
@@ -12,6 +12,7 @@ import { AllocationFlag, BASE_ALLOCATION, Cmd, CmdFlag, NbdErr, REQUEST_MAGIC, R
 import { nbdErrno } from './errors.js';
 import { ioBuffer, recycle } from '../block/io-buffers.js';
 import { DirectSocket } from './direct-socket.js';
+import { POOL_SEND_MIN, ReplyWriter } from './reply-writer.js';
 
 export interface SessionConfig {
   maxPayload: number;
@@ -25,6 +26,10 @@ const SPARSE_READ_MIN = 64 * 1024;
 const MAX_DESCRIPTORS = 64 * 1024;
 /** write payloads at least this long are received straight into their own buffer */
 const DIRECT_PAYLOAD_MIN = 64 * 1024;
+/** holes of a mapped read that must travel as data */
+const ZEROES = Buffer.alloc(1024 * 1024);
+/** reads at least this long are sent by the thread pool from the layer's mapped memory, where it offers that */
+const MAPPED_READ_MIN = Math.max(POOL_SEND_MIN, 1);
 
 const ALLOWED_FLAGS: Record<number, number> = {
   [Cmd.READ]: CmdFlag.FUA | CmdFlag.DF,
@@ -50,6 +55,7 @@ class ProtocolViolation extends Error {}
 
 export class Session {
   private readonly socket: net.Socket;
+  private readonly out: ReplyWriter;
   /** set for plaintext connections: reads go into buffers we choose (see direct-socket.ts) */
   private readonly direct?: DirectSocket;
   private receiving = false; // a large payload is being received straight into its buffer
@@ -64,9 +70,10 @@ export class Session {
   private inflightBytes = 0;
   private throttled = false;
   private stopping = false;
-  private corked = false;
   private closed = false;
   private idleWaiters: Array<() => void> = [];
+  /** logged when the connection ends */
+  readonly stats = { requests: 0, mappedReads: 0 };
   readonly done: Promise<void>;
 
   constructor(
@@ -89,6 +96,7 @@ export class Session {
       },
     });
     this.socket = this.direct?.socket ?? neg.socket;
+    this.out = new ReplyWriter(this.socket, this.direct?.fd);
     for (const [id, name] of neg.metaContexts) {
       const source = name === BASE_ALLOCATION ? this.allocationContext() : neg.opened.metaContexts?.find((m) => m.name === name);
       if (source) this.contexts.push({ id, source });
@@ -117,14 +125,17 @@ export class Session {
       if (!this.pending && this.drainLeft === 0) this.socket.pause();
       await this.idle();
       if (!this.closed) {
+        // A client that never reads its replies must not hold shutdown hostage.
+        setTimeout(() => this.socket.destroy(), 5000).unref();
+        await this.out.flushed();
+      }
+      if (!this.closed) {
         // Keep reading (and discarding) so the client's FIN is seen and 'close' fires.
         this.discarding = true;
         this.socket.removeAllListeners('data');
         this.socket.on('data', () => {});
         this.socket.resume();
         this.socket.end();
-        // A client that never reads its replies must not hold shutdown hostage.
-        setTimeout(() => this.socket.destroy(), 5000).unref();
       }
     }
     await this.done;
@@ -143,11 +154,11 @@ export class Session {
   private pump(): void {
     try {
       while (!this.throttled) {
-        if (this.socket.writableLength > this.cfg.maxInflightBytes) {
+        if (this.out.pendingBytes > this.cfg.maxInflightBytes) {
           // The client is not reading its replies: stop taking requests until it does.
           this.throttled = true;
           this.socket.pause();
-          this.socket.once('drain', () => this.unthrottle());
+          this.out.onDrained(() => this.unthrottle());
           return;
         }
         if (this.drainLeft > 0) {
@@ -282,6 +293,7 @@ export class Session {
       return;
     }
     const bytes = req.type === Cmd.READ ? req.length : (payload?.length ?? 0);
+    this.stats.requests++;
     this.begin(bytes);
     this.execute(req, payload).then(
       () => {
@@ -333,19 +345,20 @@ export class Session {
 
   private async read(req: Request): Promise<void> {
     const L = this.layer;
-    if (!this.neg.structured) {
-      const data = req.length ? await L.read(req.offset, req.length) : Buffer.alloc(0);
-      const h = Buffer.allocUnsafe(16);
-      h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-      h.writeUInt32BE(0, 4);
-      h.writeUInt32BE(req.cookieHi, 8);
-      h.writeUInt32BE(req.cookieLo, 12);
-      return this.send(h, data, data);
+    if (req.length === 0) {
+      if (this.neg.structured) return this.sendChunk(req, ReplyFlag.DONE, ReplyType.NONE, 0);
+      return this.send(simpleHeader(req, 0));
     }
-    if (req.length === 0) return this.sendChunk(req, ReplyFlag.DONE, ReplyType.NONE, 0);
-    const sparse = req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.DF) && L.caps.extents;
-    if (!sparse) return this.sendData(req, req.offset, await L.read(req.offset, req.length), ReplyFlag.DONE);
-
+    const sparse = this.neg.structured && req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.DF) && L.caps.extents;
+    if (req.length >= MAPPED_READ_MIN && L.readMapped && this.out.pooled) {
+      const mapped = L.readMapped(req.offset, req.length);
+      if (mapped) return this.sendMapped(req, mapped, sparse);
+    }
+    if (!sparse) {
+      const data = await L.read(req.offset, req.length);
+      if (!this.neg.structured) return this.send(simpleHeader(req, 0), data, data);
+      return this.sendData(req, req.offset, data, ReplyFlag.DONE);
+    }
     // Holes travel as 12-byte OFFSET_HOLE chunks. The whole range is read while its extents
     // are looked up (holes read as zeroes cheaply): one wait instead of two in a row.
     const reading = L.read(req.offset, req.length);
@@ -365,23 +378,58 @@ export class Session {
       }
     }
     const data = await reading;
-    if (chunks.length === 1 && !chunks[0].hole) return this.sendData(req, req.offset, data, ReplyFlag.DONE);
     let lastData = -1;
     chunks.forEach((c, i) => (lastData = c.hole ? lastData : i));
-    for (let i = 0; i < chunks.length; i++) {
-      const c = chunks[i];
+    chunks.forEach((c, i) => {
       const flags = i === chunks.length - 1 ? ReplyFlag.DONE : 0;
-      if (c.hole) {
-        const p = Buffer.allocUnsafe(12);
-        writeU64(p, 0, c.offset);
-        p.writeUInt32BE(c.length, 8);
-        this.sendChunk(req, flags, ReplyType.OFFSET_HOLE, 12, p);
-      } else {
-        // Pieces of one buffer: it is recycled once the last of them has been sent.
-        this.sendData(req, c.offset, data.subarray(c.offset - req.offset, c.offset - req.offset + c.length), flags, i === lastData ? data : undefined);
-      }
-    }
+      if (c.hole) return this.sendHole(req, c.offset, c.length, flags);
+      // Pieces of one buffer: it is recycled once the last of them has been sent.
+      const piece = data.subarray(c.offset - req.offset, c.offset - req.offset + c.length);
+      this.sendData(req, c.offset, piece, flags, i === lastData ? data : undefined);
+    });
     if (lastData < 0) recycle(data);
+  }
+
+  /**
+   * A large read straight from the layer's mapped file memory: the thread pool writes it to
+   * the socket (reply-writer.ts), with no copy into a buffer of ours first. Holes go as
+   * OFFSET_HOLE chunks where the reply may be sparse, else as zeroes.
+   */
+  private sendMapped(req: Request, mapped: MappedRange, sparse: boolean): void {
+    const pieces = mapped.pieces;
+    this.stats.mappedReads++;
+    if (!sparse) {
+      const bufs = [this.neg.structured ? dataHeader(req, req.offset, req.length, ReplyFlag.DONE) : simpleHeader(req, 0)];
+      for (const p of pieces) {
+        if (typeof p !== 'number') bufs.push(p);
+        else for (let left = p; left > 0; left -= ZEROES.length) bufs.push(left >= ZEROES.length ? ZEROES : ZEROES.subarray(0, left));
+      }
+      return this.out.send(bufs, mapped.release);
+    }
+    // Runs of bytes become data chunks; the views are released once the last one has left.
+    let lastData = -1;
+    pieces.forEach((p, i) => (lastData = typeof p === 'number' ? lastData : i));
+    let at = req.offset;
+    for (let i = 0; i < pieces.length; ) {
+      const start = at;
+      if (typeof pieces[i] === 'number') {
+        while (i < pieces.length && typeof pieces[i] === 'number') at += pieces[i++] as number;
+        this.sendHole(req, start, at - start, i === pieces.length ? ReplyFlag.DONE : 0);
+        continue;
+      }
+      const bufs: Buffer[] = [];
+      let last = false;
+      while (i < pieces.length && typeof pieces[i] !== 'number') {
+        const b = pieces[i] as Buffer;
+        bufs.push(b);
+        at += b.length;
+        last ||= i === lastData;
+        i++;
+      }
+      bufs.unshift(dataHeader(req, start, at - start, i === pieces.length ? ReplyFlag.DONE : 0));
+      this.out.send(bufs, last ? mapped.release : undefined);
+    }
+    if (lastData < 0) mapped.release();
   }
 
   private async blockStatus(req: Request): Promise<void> {
@@ -423,12 +471,14 @@ export class Session {
   // ---- reply encoding ----
 
   private replySimple(req: Request, error: number): void {
-    const h = Buffer.allocUnsafe(16);
-    h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-    h.writeUInt32BE(error, 4);
-    h.writeUInt32BE(req.cookieHi, 8);
-    h.writeUInt32BE(req.cookieLo, 12);
-    this.send(h);
+    this.send(simpleHeader(req, error));
+  }
+
+  private sendHole(req: Request, offset: number, length: number, flags: number): void {
+    const p = Buffer.allocUnsafe(12);
+    writeU64(p, 0, offset);
+    p.writeUInt32BE(length, 8);
+    this.sendChunk(req, flags, ReplyType.OFFSET_HOLE, 12, p);
   }
 
   private replyError(req: Request, error: number, message: string): void {
@@ -442,9 +492,7 @@ export class Session {
 
   /** whole: the buffer `data` is part of, recycled once sent (default: data itself) */
   private sendData(req: Request, offset: number, data: Buffer, flags: number, whole: Buffer | undefined = data): void {
-    const h = chunkHeader(req, flags, ReplyType.OFFSET_DATA, 8 + data.length, 8);
-    writeU64(h, 20, offset);
-    this.send(h, data, whole);
+    this.send(dataHeader(req, offset, data.length, flags), data, whole);
   }
 
   private sendChunk(req: Request, flags: number, type: number, length: number, payload?: Buffer): void {
@@ -454,20 +502,7 @@ export class Session {
   /** recycleAfter: read data nobody else holds, reused once body has been sent. */
   private send(head: Buffer, body?: Buffer, recycleAfter?: Buffer): void {
     if (this.closed) return;
-    // Cork until the end of this tick so replies completed together leave in one writev.
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
-    }
-    this.socket.write(head);
-    if (body && body.length) {
-      if (recycleAfter) this.socket.write(body, () => recycle(recycleAfter));
-      else this.socket.write(body);
-    }
+    this.out.send(body && body.length ? [head, body] : [head], recycleAfter ? () => recycle(recycleAfter) : undefined);
   }
 
   // ---- back-pressure ----
@@ -486,9 +521,8 @@ export class Session {
     this.inflightBytes -= bytes;
     this.settleIfIdle();
     if (this.throttled && this.inflightBytes <= this.cfg.maxInflightBytes / 2) {
-      if (this.socket.writableLength > this.cfg.maxInflightBytes) {
-        this.socket.once('drain', () => this.unthrottle());
-      } else this.unthrottle();
+      if (this.out.pendingBytes > this.cfg.maxInflightBytes) this.out.onDrained(() => this.unthrottle());
+      else this.unthrottle();
     }
   }
 
@@ -513,6 +547,23 @@ export function chunkHeader(req: Pick<Request, 'cookieHi' | 'cookieLo'>, flags: 
   h.writeUInt32BE(req.cookieHi, 8);
   h.writeUInt32BE(req.cookieLo, 12);
   h.writeUInt32BE(length, 16);
+  return h;
+}
+
+/** Header of a simple reply. */
+function simpleHeader(req: Pick<Request, 'cookieHi' | 'cookieLo'>, error: number): Buffer {
+  const h = Buffer.allocUnsafe(16);
+  h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+  h.writeUInt32BE(error, 4);
+  h.writeUInt32BE(req.cookieHi, 8);
+  h.writeUInt32BE(req.cookieLo, 12);
+  return h;
+}
+
+/** Header of an OFFSET_DATA chunk carrying `length` bytes read at `offset`. */
+function dataHeader(req: Pick<Request, 'cookieHi' | 'cookieLo'>, offset: number, length: number, flags: number): Buffer {
+  const h = chunkHeader(req, flags, ReplyType.OFFSET_DATA, 8 + length, 8);
+  writeU64(h, 20, offset);
   return h;
 }
 

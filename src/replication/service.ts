@@ -4,7 +4,7 @@
 // keeps ordinary clients from writing a secondary. Failover and failback are here too.
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { BlockError, type BlockLayer, type Capabilities, type Extent, type WriteFlags, type ZeroFlags } from '../block/layer.js';
+import { BlockError, type BlockLayer, type Capabilities, type Extent, type MappedRange, type WriteFlags, type ZeroFlags } from '../block/layer.js';
 import type { ExportProvider, OpenedExport } from '../nbd/exports.js';
 import { addBypassHook, type BypassChange, type Pool, type ReplicationStatus } from '../pool/pool.js';
 import type { VolumeReplication } from '../pool/catalog.js';
@@ -560,6 +560,9 @@ class ReplicatedExport implements BlockLayer {
 
   read(offset: number, length: number): Promise<Buffer> {
     return this.layer.read(offset, length);
+  }
+  readMapped(offset: number, length: number): MappedRange | undefined {
+    return this.layer.readMapped?.(offset, length);
   }
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
     const s = await this.route();

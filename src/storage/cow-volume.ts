@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
-import type { Extent } from '../block/layer.js';
+import type { Extent, MappedRange } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
@@ -355,6 +355,11 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
 
   // ---- reads and extents ----
 
+  /** Live reads only: a snapshot's unpreserved blocks are live bytes that a later write changes. */
+  override readMapped(offset: number, length: number): MappedRange | undefined {
+    return this.map.raw(offset, length);
+  }
+
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
     const out = ioBuffer(length);
     if (length === 0) return out;
@@ -513,7 +518,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
       await native.fdatasync(this.fd);
       await this.durable.request();
       this.applyMeta(rec);
-      if (fs.fstatSync(this.fd).size > size) fs.ftruncateSync(this.fd, size);
+      if (fs.fstatSync(this.fd).size > size) await this.map.exclusive(() => fs.ftruncateSync(this.fd, size));
     });
   }
 
@@ -579,6 +584,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
       s.released = true;
       this.maybeClose(s);
     }
+    this.map.close();
     native.closeFile(this.fd);
   }
 }

@@ -7,6 +7,7 @@ import * as native from '../native/index.js';
 import { readCheckpoint, writeCheckpoint, type CheckpointData } from './checkpoint.js';
 import { Journal, type Rec } from './journal.js';
 import { Volume, SnapshotError } from './volume.js';
+import { FileMap } from './file-map.js';
 
 /** What every technique's checkpoint metadata holds. */
 export interface VolumeMeta {
@@ -28,6 +29,8 @@ export interface SnapRef {
 
 export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> extends Volume {
   protected snaps: S[] = [];
+  /** the data file mapped for large live reads (file-map.ts); shrinking the file goes through map.exclusive */
+  protected readonly map: FileMap;
 
   protected constructor(
     protected readonly dir: string,
@@ -36,6 +39,7 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     protected readonly fd: number,
   ) {
     super();
+    this.map = new FileMap(fd);
   }
 
   get size(): number {

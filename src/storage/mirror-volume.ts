@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
-import { BlockError, type Extent } from '../block/layer.js';
+import { BlockError, type Extent, type MappedRange } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
@@ -454,6 +454,10 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
     return s.fd;
   }
 
+  override readMapped(offset: number, length: number): MappedRange | undefined {
+    return this.map.raw(offset, length);
+  }
+
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
     const out = ioBuffer(length);
     await readAt(this.viewFd(snapshot), out, offset);
@@ -587,7 +591,8 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
         await Promise.all(files.map((f) => native.fdatasync(f)));
         await this.durable.request();
         this.applyMeta({ op: 'resize', size });
-        for (const f of files) if (fs.fstatSync(f).size > size) fs.ftruncateSync(f, size);
+        if (fs.fstatSync(this.fd).size > size) await this.map.exclusive(() => fs.ftruncateSync(this.fd, size));
+        if (this.mirrorFd !== undefined && fs.fstatSync(this.mirrorFd).size > size) fs.ftruncateSync(this.mirrorFd, size);
       }),
     );
   }
@@ -641,6 +646,7 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
     this.journal.close();
     if (this.mirrorFd !== undefined) native.closeFile(this.mirrorFd);
     for (const s of this.snaps) if (s.fd !== undefined) native.closeFile(s.fd);
+    this.map.close();
     native.closeFile(this.fd);
   }
 }

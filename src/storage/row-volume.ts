@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
-import type { BlockLayer, Extent } from '../block/layer.js';
+import type { BlockLayer, Extent, MappedRange } from '../block/layer.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
@@ -348,6 +348,34 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     return this.table.birth(l) <= snap.gen ? this.table.ptr(l) : UNALLOCATED;
   }
 
+  /**
+   * Live reads of allocated blocks. A mapped block changes only by a write to its own logical
+   * block: a released block is punched and reused only once no view is pinned (flushOnce).
+   */
+  override readMapped(offset: number, length: number): MappedRange | undefined {
+    const bs = this.meta.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    if (length === 0 || this.busy(first, last)) return undefined;
+    const pieces: Array<{ at: number; len: number } | number> = [];
+    for (let l = first; l <= last; l++) {
+      const p = this.table.ptr(l);
+      if (p === UNALLOCATED && this.opts.base) return undefined; // still in the clone's base: read()
+      const bo = l === first ? offset - l * bs : 0;
+      const n = Math.min(bs - bo, offset + length - (l * bs + bo));
+      const run = pieces[pieces.length - 1];
+      if (p === UNALLOCATED || p === ZERO) {
+        if (typeof run === 'number') pieces[pieces.length - 1] = run + n;
+        else pieces.push(n);
+        continue;
+      }
+      const at = (p - 1) * bs + bo;
+      if (run !== undefined && typeof run !== 'number' && run.at + run.len === at) run.len += n;
+      else pieces.push({ at, len: n });
+    }
+    return this.map.view(pieces);
+  }
+
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
     const snap = snapshot === undefined ? undefined : this.snapByName(snapshot);
     const bs = this.meta.blockSize;
@@ -451,6 +479,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
       for (const p of freed) this.scrubbing.add(p);
       this.punching = this.punching.then(async () => {
         try {
+          await this.map.idle(); // a pinned view may still be reading a released block
           await this.punch(freed, 2);
           for (const p of freed) {
             this.scrubbing.delete(p);
@@ -576,6 +605,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     await this.punching;
     this.closed = true;
     this.journal.close();
+    this.map.close();
     native.closeFile(this.fd);
   }
 }
