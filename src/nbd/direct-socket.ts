@@ -9,6 +9,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import * as native from '../native/index.js';
 import type { ByteQueue } from './byte-queue.js';
+import { PoolFd } from './pool-fd.js';
 
 const SCRATCH = 64 * 1024;
 
@@ -19,8 +20,8 @@ export interface DirectReceiver {
 
 export class DirectSocket {
   readonly socket: net.Socket;
-  /** the socket's descriptor (ours: the accepted one was duplicated and closed) */
-  readonly fd: number;
+  /** the descriptor for thread-pool sends (reply-writer.ts) */
+  readonly pool: PoolFd;
   private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH);
   private target?: { buf: Buffer; filled: number; done: () => void };
 
@@ -28,7 +29,6 @@ export class DirectSocket {
     fd: number,
     private readonly receiver: DirectReceiver,
   ) {
-    this.fd = fd;
     // `onread` is honoured by the Socket constructor (Node >= 12) though @types/node only
     // declares it for connect().
     const options: net.SocketConstructorOpts & Pick<net.TcpSocketConnectOpts, 'onread'> = {
@@ -45,6 +45,7 @@ export class DirectSocket {
       },
     };
     this.socket = new net.Socket(options);
+    this.pool = new PoolFd(this.socket, fd);
   }
 
   private received(n: number, inScratch: boolean): void {

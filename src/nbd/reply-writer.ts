@@ -6,6 +6,7 @@
 // wait here, in order; it starts only once Node's own queue is empty.
 import type net from 'node:net';
 import * as native from '../native/index.js';
+import type { PoolFd } from './pool-fd.js';
 
 /** replies whose buffers add up to at least this are sent from the thread pool */
 export const POOL_SEND_MIN = Number(process.env.SNAPBLOCK_POOL_SEND_MIN ?? 256 * 1024);
@@ -27,28 +28,24 @@ export class ReplyWriter {
   private waitingDrain = false;
   private corked = false;
   private closed = false;
-  /** our own descriptor of the socket: Node may close its one while a pool send still runs */
-  private fd?: number;
   private idleWaiters: Array<() => void> = [];
 
-  /** fd: the socket's descriptor where pool sends are possible (plaintext), else undefined */
+  /** pool: the socket's descriptor where pool sends are possible (plaintext), else undefined */
   constructor(
     private readonly socket: net.Socket,
-    fd: number | undefined,
+    private readonly pool: PoolFd | undefined,
   ) {
-    this.fd = fd === undefined || POOL_SEND_MIN <= 0 ? undefined : native.dupFd(fd);
     socket.once('close', () => {
       this.closed = true;
       for (const r of this.held.splice(0)) r.after?.();
       this.heldBytes = 0;
-      this.releaseFd();
       this.settle();
     });
   }
 
   /** whether large replies go through the thread pool (plaintext connections) */
   get pooled(): boolean {
-    return this.fd !== undefined;
+    return POOL_SEND_MIN > 0 && this.pool?.usable === true;
   }
 
   /** bytes accepted but not yet handed to the kernel */
@@ -96,7 +93,7 @@ export class ReplyWriter {
 
   /** Send now: through the pool if large and possible, else through Node's stream. */
   private dispatch(reply: Reply): void {
-    if (this.fd !== undefined && reply.bytes >= POOL_SEND_MIN) {
+    if (this.pooled && reply.bytes >= POOL_SEND_MIN) {
       this.flushCork();
       if (this.socket.writableLength > 0) {
         // Node still holds earlier bytes: they go first.
@@ -109,7 +106,7 @@ export class ReplyWriter {
         });
         return;
       }
-      return this.poolSend(reply, this.fd);
+      return this.poolSend(reply);
     }
     this.streamWrite(reply.bufs, reply.after);
   }
@@ -132,22 +129,20 @@ export class ReplyWriter {
     this.socket.uncork();
   }
 
-  private poolSend(reply: Reply, fd: number): void {
+  private poolSend(reply: Reply): void {
     this.poolBusy = true;
-    native.sendBuffers(fd, reply.bufs, POOL_SEND_TIMEOUT_MS).then(
+    this.pool!.run((fd) => native.sendBuffers(fd, reply.bufs, POOL_SEND_TIMEOUT_MS)).then(
       (sent) => {
         this.poolBusy = false;
         if (sent < reply.bytes && !this.closed) {
           // A slow reader: the rest goes through Node's stream, which waits for room itself.
           this.streamWrite(rest(reply.bufs, sent), reply.after);
         } else reply.after?.();
-        if (this.closed) this.releaseFd();
         this.release();
       },
       (err: Error) => {
         this.poolBusy = false;
         reply.after?.();
-        this.releaseFd();
         this.socket.destroy(err);
         this.settle();
       },
@@ -177,11 +172,6 @@ export class ReplyWriter {
     this.settle();
   }
 
-  private releaseFd(): void {
-    if (this.fd === undefined || this.poolBusy) return;
-    native.closeFile(this.fd);
-    this.fd = undefined;
-  }
 }
 
 /** The buffers after the first `skip` bytes. */

@@ -96,7 +96,7 @@ export class Session {
       },
     });
     this.socket = this.direct?.socket ?? neg.socket;
-    this.out = new ReplyWriter(this.socket, this.direct?.fd);
+    this.out = new ReplyWriter(this.socket, this.direct?.pool);
     for (const [id, name] of neg.metaContexts) {
       const source = name === BASE_ALLOCATION ? this.allocationContext() : neg.opened.metaContexts?.find((m) => m.name === name);
       if (source) this.contexts.push({ id, source });
