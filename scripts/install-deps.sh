@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite and benchmarks use, only if missing.
 set -euo pipefail
-PKGS=(nbdkit fio libnbd-bin python3-libnbd fuse3 e2fsprogs qemu-system-x86 qemu-utils socat
+PKGS=(nbdkit fio libnbd-bin python3-libnbd fuse3 e2fsprogs qemu-system-x86 qemu-utils qemu-block-extra socat
       nbd-server nbd-client busybox-static kmod cpio openssl iproute2 util-linux gnuplot-nox)
 missing=()
 for p in "${PKGS[@]}"; do

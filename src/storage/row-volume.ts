@@ -14,7 +14,7 @@ import type { BlockLayer, Extent, MappedRange } from '../block/layer.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
-import { DiskRuns, readRuns, writeRuns } from './io.js';
+import { DiskRuns, readAt, readRuns, writeRuns } from './io.js';
 import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
@@ -384,6 +384,14 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
     for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
+    if (first === last) {
+      // One block (every small random read): no run bookkeeping.
+      const p = this.resolve(snap, first);
+      if (p !== UNALLOCATED && p !== ZERO) await readAt(this.fd, out, (p - 1) * bs + offset - first * bs);
+      else if (p === UNALLOCATED && this.opts.base && offset < this.opts.base.size) (await this.opts.base.read(offset, length)).copy(out);
+      else out.fill(0);
+      return out;
+    }
     const runs = new DiskRuns();
     const baseReads: Promise<void>[] = [];
     for (let l = first; l <= last; l++) {
