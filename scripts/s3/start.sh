@@ -92,10 +92,13 @@ running() { pid_of "$1" >/dev/null; }
 
 # Is 127.0.0.1:PORT in use? Listening (pitfall 8: a `ceph` command pointed at
 # another cluster's mon talks to it without complaint) or held by any socket,
-# such as a client's ephemeral port, which also makes a later bind fail.
+# such as a client's ephemeral port, which also makes a later bind fail. Not
+# TIME-WAIT: our own daemons' closed connections linger so for a minute after a
+# stop, and the daemons bind with SO_REUSEADDR (a CI run once refused to restart
+# the mon over them).
 port_busy() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-  command -v ss >/dev/null && [ -n "$(ss -Htan "sport = :$1" 2>/dev/null)" ]
+  command -v ss >/dev/null && [ -n "$(ss -Htan exclude time-wait "sport = :$1" 2>/dev/null)" ]
 }
 # Picked ports lie below the kernel's ephemeral range, so no outgoing
 # connection or port-0 listener of another process can take them between a
