@@ -171,7 +171,6 @@ export class ReplyWriter {
     }
     this.settle();
   }
-
 }
 
 /** The buffers after the first `skip` bytes. */
