@@ -218,6 +218,7 @@ const defer = (fn) => ({
   add(s, 'RowVolume.extents 1M, all data (in-memory map)', defer(() => row.extents(8 * MiB, MiB)));
   add(s, 'RowVolume.extents 1M, 8 data + 8 hole extents', defer(() => row.extents(64 * MiB, MiB)));
   add(s, 'native.extents 1M, 8 data + 8 hole (SEEK_DATA/SEEK_HOLE in a Job)', defer(() => native.extents(rawFd, 64 * MiB, MiB)));
+  add(s, 'native.extentsNow 1M, 8 data + 8 hole (on the JS thread, mapped reads)', () => native.extentsNow(rawFd, 64 * MiB, MiB));
   add(s, 'CowVolume.extents whole 1 GiB (block status)', defer(() => cow.extents(0, 1024 * MiB)));
   add(s, 'RowVolume.extents whole 1 GiB (block status)', defer(() => row.extents(0, 1024 * MiB)));
 }
