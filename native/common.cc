@@ -1,5 +1,8 @@
 #include "common.h"
 
+#include <limits.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -133,5 +136,33 @@ void Job::OnOK() {
 }
 
 void Job::OnError(const Napi::Error& e) { deferred_.Reject(e.Value()); }
+
+void AddBuffer(IoVec& iov, const Napi::Buffer<uint8_t>& buf) {
+  if (buf.Length() > 0) iov.push_back({buf.Data(), buf.Length()});
+}
+
+void Advance(IoVec& iov, size_t& first, size_t n) {
+  while (first < iov.size() && n >= iov[first].iov_len) n -= iov[first++].iov_len;
+  if (n > 0) {
+    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + n;
+    iov[first].iov_len -= n;
+  }
+}
+
+int Chunk(const IoVec& iov, size_t first) { return static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX)); }
+
+IoVec BufferList(const Napi::CallbackInfo& info, std::vector<Napi::Object>& keep) {
+  if (!info[1].IsArray()) throw Napi::TypeError::New(info.Env(), "bufs (argument 1) must be an array of Buffers");
+  Napi::Array arr = info[1].As<Napi::Array>();
+  IoVec iov;
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    Napi::Value v = arr[i];
+    if (!v.IsBuffer()) throw Napi::TypeError::New(info.Env(), "bufs (argument 1) must be an array of Buffers");
+    auto buf = v.As<Napi::Buffer<uint8_t>>();
+    AddBuffer(iov, buf);
+    keep.push_back(buf);
+  }
+  return iov;
+}
 
 }  // namespace snapblock

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <napi.h>
+#include <sys/uio.h>
 
 #include <cstdint>
 #include <functional>
@@ -24,6 +25,17 @@ int ArgFd(const Napi::CallbackInfo& info, size_t i);
 int64_t ArgUint(const Napi::CallbackInfo& info, size_t i, const char* name);  // safe non-negative integer
 bool ArgBool(const Napi::CallbackInfo& info, size_t i, const char* name);
 Napi::Buffer<uint8_t> ArgBuffer(const Napi::CallbackInfo& info, size_t i, const char* name);
+
+// Scatter/gather lists over JS Buffers, for the vectored syscalls (file_io.cc, socket_io.cc).
+using IoVec = std::vector<iovec>;
+// Skips zero-length buffers so a syscall that returns 0 always means EOF (reads).
+void AddBuffer(IoVec& iov, const Napi::Buffer<uint8_t>& buf);
+// Drops `n` transferred bytes from the front of iov[first..].
+void Advance(IoVec& iov, size_t& first, size_t n);
+// How many iovecs from `first` one syscall may take (at most IOV_MAX).
+int Chunk(const IoVec& iov, size_t first);
+// Argument 1 (a JS array of Buffers) as iovecs, each Buffer kept alive for the Job in `keep`.
+IoVec BufferList(const Napi::CallbackInfo& info, std::vector<Napi::Object>& keep);
 
 // Runs `exec` on the libuv thread pool and returns a Promise. On success the promise resolves
 // with `done(env)` (or undefined when done is empty); on failure it rejects with ErrnoError.

@@ -1,11 +1,9 @@
 // open/close and positional reads/writes. Everything that may block on the disk runs in a Job
 // (thread pool); only preadNowait touches file data on the JS thread, and it never blocks.
 #include <fcntl.h>
-#include <limits.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <memory>
 #include <string>
@@ -15,24 +13,6 @@
 namespace snapblock {
 
 namespace {
-
-using IoVec = std::vector<iovec>;
-
-// Skips zero-length buffers so a syscall that returns 0 always means EOF (reads).
-void AddBuffer(IoVec& iov, const Napi::Buffer<uint8_t>& buf) {
-  if (buf.Length() > 0) iov.push_back({buf.Data(), buf.Length()});
-}
-
-// Drops `n` transferred bytes from the front of iov[first..].
-void Advance(IoVec& iov, size_t& first, size_t n) {
-  while (first < iov.size() && n >= iov[first].iov_len) n -= iov[first++].iov_len;
-  if (n > 0) {
-    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + n;
-    iov[first].iov_len -= n;
-  }
-}
-
-int Chunk(const IoVec& iov, size_t first) { return static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX)); }
 
 // Reads until every buffer is full or EOF; *total = bytes read. flags != 0 uses preadv2.
 SysStatus ReadAll(int fd, IoVec iov, int64_t off, int flags, const char* syscall, int64_t* total) {
@@ -145,21 +125,6 @@ Napi::Value StartWrite(const Napi::CallbackInfo& info, IoVec iov, std::vector<Na
   int64_t off = ArgUint(info, 2, "offset");
   bool dsync = ArgBool(info, 3, "dsync");
   return Job::Start(info.Env(), syscall, keep, [=] { return WriteAll(fd, iov, off, dsync, syscall); });
-}
-
-// Collects a JS array of Buffers into iovecs, keeping each Buffer alive for the Job.
-IoVec BufferList(const Napi::CallbackInfo& info, std::vector<Napi::Object>& keep) {
-  if (!info[1].IsArray()) throw Napi::TypeError::New(info.Env(), "bufs (argument 1) must be an array of Buffers");
-  Napi::Array arr = info[1].As<Napi::Array>();
-  IoVec iov;
-  for (uint32_t i = 0; i < arr.Length(); i++) {
-    Napi::Value v = arr[i];
-    if (!v.IsBuffer()) throw Napi::TypeError::New(info.Env(), "bufs (argument 1) must be an array of Buffers");
-    auto buf = v.As<Napi::Buffer<uint8_t>>();
-    AddBuffer(iov, buf);
-    keep.push_back(buf);
-  }
-  return iov;
 }
 
 Napi::Value Pread(const Napi::CallbackInfo& info) {

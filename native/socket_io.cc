@@ -4,7 +4,6 @@
 // write runs here, nothing else writes to the socket.
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -20,7 +19,7 @@ namespace {
 
 // Sends iov in order; waits for room (poll) up to timeoutMs in all. *sent = bytes sent, short
 // only when the timeout passed first. MSG_NOSIGNAL: a closed peer is EPIPE, never SIGPIPE.
-SysStatus SendAll(int fd, std::vector<iovec> iov, int timeoutMs, int64_t* sent) {
+SysStatus SendAll(int fd, IoVec iov, int timeoutMs, int64_t* sent) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeoutMs);
   *sent = 0;
@@ -28,7 +27,7 @@ SysStatus SendAll(int fd, std::vector<iovec> iov, int timeoutMs, int64_t* sent) 
   while (first < iov.size()) {
     msghdr msg{};
     msg.msg_iov = &iov[first];
-    msg.msg_iovlen = std::min<size_t>(iov.size() - first, IOV_MAX);
+    msg.msg_iovlen = static_cast<size_t>(Chunk(iov, first));
     ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -40,32 +39,18 @@ SysStatus SendAll(int fd, std::vector<iovec> iov, int timeoutMs, int64_t* sent) 
       continue;
     }
     *sent += n;
-    size_t k = static_cast<size_t>(n);
-    while (first < iov.size() && k >= iov[first].iov_len) k -= iov[first++].iov_len;
-    if (k > 0) {
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + k;
-      iov[first].iov_len -= k;
-    }
+    Advance(iov, first, static_cast<size_t>(n));
   }
   return {};
 }
 
-// sendAll(fd, bufs, timeoutMs): resolves with the bytes sent (short only on timeout).
+// sendBuffers(fd, bufs, timeoutMs): resolves with the bytes sent (short only on timeout).
 Napi::Value SendBuffers(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = ArgFd(info, 0);
-  if (!info[1].IsArray()) throw Napi::TypeError::New(env, "bufs (argument 1) must be an array of Buffers");
-  int64_t timeoutMs = ArgUint(info, 2, "timeoutMs");
-  Napi::Array arr = info[1].As<Napi::Array>();
-  std::vector<iovec> iov;
   std::vector<Napi::Object> keep;
-  for (uint32_t i = 0; i < arr.Length(); i++) {
-    Napi::Value v = arr[i];
-    if (!v.IsBuffer()) throw Napi::TypeError::New(env, "bufs (argument 1) must be an array of Buffers");
-    auto buf = v.As<Napi::Buffer<uint8_t>>();
-    if (buf.Length() > 0) iov.push_back({buf.Data(), buf.Length()});
-    keep.push_back(buf);
-  }
+  IoVec iov = BufferList(info, keep);
+  int64_t timeoutMs = ArgUint(info, 2, "timeoutMs");
   auto sent = std::make_shared<int64_t>(0);
   int timeout = static_cast<int>(std::min<int64_t>(timeoutMs, INT_MAX));
   return Job::Start(
