@@ -18,7 +18,7 @@ export class PoolFd {
     });
   }
 
-  /** false once the socket has closed or a job failed: use Node's own IO then */
+  /** false once the socket has closed: use Node's own IO then */
   get usable(): boolean {
     return this.fd !== undefined && !this.socketClosed;
   }

@@ -28,8 +28,6 @@ const MAX_DESCRIPTORS = 64 * 1024;
 const DIRECT_PAYLOAD_MIN = 64 * 1024;
 /** holes of a mapped read that must travel as data */
 const ZEROES = Buffer.alloc(1024 * 1024);
-/** reads at least this long are sent by the thread pool from the layer's mapped memory, where it offers that */
-const MAPPED_READ_MIN = Math.max(POOL_SEND_MIN, 1);
 
 const ALLOWED_FLAGS: Record<number, number> = {
   [Cmd.READ]: CmdFlag.FUA | CmdFlag.DF,
@@ -350,7 +348,8 @@ export class Session {
       return this.send(simpleHeader(req, 0));
     }
     const sparse = this.neg.structured && req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.DF) && L.caps.extents;
-    if (req.length >= MAPPED_READ_MIN && L.readMapped && this.out.pooled) {
+    // Reads that the pool would send anyway leave from the layer's mapped memory, where it offers that.
+    if (req.length >= POOL_SEND_MIN && L.readMapped && this.out.pooled) {
       const mapped = L.readMapped(req.offset, req.length);
       if (mapped) return this.sendMapped(req, mapped, sparse);
     }
