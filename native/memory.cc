@@ -1,15 +1,18 @@
-// Aligned buffers for O_DIRECT, the alignment an fd needs, and read-only file mappings.
+// Aligned buffers for O_DIRECT, the alignment an fd needs, and shared file mappings.
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "common.h"
 
@@ -69,8 +72,9 @@ Napi::Value Alignment(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, std::max(align, kMinAlignment));
 }
 
-// mapFile(fd, offset, length): a read-only shared mapping of the file as a Buffer, unmapped when
-// the Buffer is collected. Touching a byte past the file's end raises SIGBUS: callers keep
+// mapFile(fd, offset, length, writable): a shared mapping of the file as a Buffer, unmapped when
+// the Buffer is collected; writable adds PROT_WRITE, for copyIntoMapping (JS never stores into
+// it). Touching a byte past the file's end raises SIGBUS: callers keep
 // every access below the size they checked (src/storage/file-map.ts).
 Napi::Value MapFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -80,17 +84,69 @@ Napi::Value MapFile(const Napi::CallbackInfo& info) {
   if (length == 0 || offset % sysconf(_SC_PAGESIZE) != 0) {
     throw Napi::TypeError::New(env, "mapFile: offset must be page-aligned and length positive");
   }
-  void* mem = mmap(nullptr, static_cast<size_t>(length), PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
+  bool writable = info.Length() > 3 && ArgBool(info, 3, "writable");
+  void* mem = mmap(nullptr, static_cast<size_t>(length), writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd,
+                   static_cast<off_t>(offset));
   if (mem == MAP_FAILED) throw ErrnoError(env, errno, "mmap");
   size_t len = static_cast<size_t>(length);
   return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(mem), len,
                                     [len](Napi::Env, uint8_t* data) { munmap(data, len); });
 }
 
+// The [at, at+length) range of a mapping Buffer, checked (throws RangeError past its end).
+uint8_t* MappedRange(const Napi::CallbackInfo& info, const char* what, int64_t at, size_t length) {
+  if (!info[0].IsBuffer()) throw Napi::TypeError::New(info.Env(), std::string(what) + ": mapping Buffer expected");
+  auto mapping = info[0].As<Napi::Buffer<uint8_t>>();
+  if (static_cast<uint64_t>(at) + length > mapping.Length()) throw Napi::RangeError::New(info.Env(), std::string(what) + ": past the mapping");
+  return mapping.Data() + at;
+}
+
+// copyIntoMapping(mapping, at, src): copy src into mapping[at..] with process_vm_writev on our
+// own process, so the kernel does the stores: a page it cannot provide (no space for it, a read
+// error, past the end of the file) ends the copy with EFAULT, where a store of ours would raise
+// SIGBUS. Returns the bytes copied (short after such a failure), or -errno if none were.
+Napi::Value CopyIntoMapping(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t at = ArgUint(info, 1, "at");
+  if (!info[2].IsBuffer()) throw Napi::TypeError::New(env, "copyIntoMapping: source Buffer expected");
+  auto src = info[2].As<Napi::Buffer<uint8_t>>();
+  struct iovec local = {src.Data(), src.Length()};
+  struct iovec remote = {MappedRange(info, "copyIntoMapping", at, src.Length()), src.Length()};
+  ssize_t n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
+  return Napi::Number::New(env, n < 0 ? -errno : static_cast<double>(n));
+}
+
+// residentNow(mapping, at, length): whether every page of the range is in the page cache
+// (mincore), so that touching it needs no read from disk.
+Napi::Value ResidentNow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t at = ArgUint(info, 1, "at");
+  int64_t length = ArgUint(info, 2, "length");
+  uint8_t* start = MappedRange(info, "residentNow", at, static_cast<size_t>(length));
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t first = reinterpret_cast<uintptr_t>(start) & ~(page - 1);
+  uintptr_t end = reinterpret_cast<uintptr_t>(start) + static_cast<uintptr_t>(length);
+  size_t pages = (end - first + page - 1) / page;
+  unsigned char small[256];
+  std::vector<unsigned char> big;
+  unsigned char* vec = small;
+  if (pages > sizeof small) {
+    big.resize(pages);
+    vec = big.data();
+  }
+  if (mincore(reinterpret_cast<void*>(first), end - first, vec) < 0) return Napi::Boolean::New(env, false);
+  for (size_t i = 0; i < pages; i++) {
+    if (!(vec[i] & 1)) return Napi::Boolean::New(env, false);
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 }  // namespace
 
 void InitMemory(Napi::Env env, Napi::Object exports) {
   exports.Set("mapFile", Napi::Function::New(env, MapFile, "mapFile"));
+  exports.Set("copyIntoMapping", Napi::Function::New(env, CopyIntoMapping, "copyIntoMapping"));
+  exports.Set("residentNow", Napi::Function::New(env, ResidentNow, "residentNow"));
   exports.Set("allocAligned", Napi::Function::New(env, AllocAligned, "allocAligned"));
   exports.Set("alignment", Napi::Function::New(env, Alignment, "alignment"));
 }

@@ -42,7 +42,9 @@ interface Addon {
   allocAligned(size: number, alignment: number): Buffer;
   alignment(fd: number): number;
   sendBuffers(fd: number, bufs: Buffer[], timeoutMs: number): Promise<number>;
-  mapFile(fd: number, offset: number, length: number): Buffer;
+  mapFile(fd: number, offset: number, length: number, writable: boolean): Buffer;
+  copyIntoMapping(mapping: Buffer, at: number, src: Buffer): number;
+  residentNow(mapping: Buffer, at: number, length: number): boolean;
 }
 
 const require = createRequire(import.meta.url);
@@ -101,7 +103,17 @@ export const directAlignment = (fd: number): number => addon.alignment(fd);
 export const sendBuffers = (fd: number, bufs: Buffer[], timeoutMs: number): Promise<number> =>
   addon.sendBuffers(fd, bufs, timeoutMs);
 /**
- * A read-only shared mapping of [offset, offset+length) of the file, unmapped when the Buffer
- * is collected. Touching a byte past the file's end kills the process (SIGBUS): see file-map.ts.
+ * A shared mapping of [offset, offset+length) of the file, unmapped when the Buffer is
+ * collected; read-only unless `writable` (the fd must then be open for writing). Touching a
+ * byte past the file's end kills the process (SIGBUS): see file-map.ts.
  */
-export const mapFile = (fd: number, offset: number, length: number): Buffer => addon.mapFile(fd, offset, length);
+export const mapFile = (fd: number, offset: number, length: number, writable = false): Buffer =>
+  addon.mapFile(fd, offset, length, writable);
+/**
+ * Copy src into a writable mapping at `at`, the kernel doing the stores (process_vm_writev):
+ * a page that cannot be had (no space, IO error) ends it with no signal. Returns the bytes
+ * copied, short after such a failure, or -errno when none were.
+ */
+export const copyIntoMapping = (mapping: Buffer, at: number, src: Buffer): number => addon.copyIntoMapping(mapping, at, src);
+/** Whether every page of mapping[at, at+length) is in the page cache (mincore). */
+export const residentNow = (mapping: Buffer, at: number, length: number): boolean => addon.residentNow(mapping, at, length);

@@ -17,7 +17,7 @@ import { Journal, Kind, type Rec } from './journal.js';
 import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { ioBuffer } from '../block/io-buffers.js';
-import { writeAt } from './inline-write.js';
+import { writeAt, writeAtMapped } from './inline-write.js';
 import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
 
 /** table entry slot: the original block read as zeroes, so nothing was stored */
@@ -342,7 +342,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
     const bs = this.meta.blockSize;
     await this.preserve(Math.floor(offset / bs), Math.floor((offset + data.length - 1) / bs));
     this.dataDirty = true;
-    await writeAt(this.fd, data, offset);
+    await writeAtMapped(this.map, this.fd, data, offset);
   }
 
   protected async trimLive(offset: number, length: number): Promise<void> {

@@ -1,6 +1,11 @@
-// Large reads of a volume's live data leave for the client straight from a read-only mapping
-// of the data file: the socket write then copies page cache -> socket once, where pread and
+// Large reads of a volume's live data leave for the client straight from a shared mapping of
+// the data file: the socket write then copies page cache -> socket once, where pread and
 // write copy twice (~230 against ~400 µs of CPU per MiB measured on this kind of VM).
+//
+// Cached live writes go in through the same mapping. A 4 KiB pwrite into a file whose page
+// cache holds large folios (any file read sequentially) costs ~25 µs in ext4, which walks
+// every buffer head of the folio; a store through the mapping pays that once per folio until
+// writeback cleans it (~10 against ~37 µs of server CPU per 4 KiB write, measured).
 //
 // The hazard of a mapping is SIGBUS: touching a mapped byte past the file's end kills the
 // process. So a view is given only below the file's size as fstat reports it then; the file
@@ -12,6 +17,7 @@ import type { MappedRange } from '../block/layer.js';
 
 /** Mapped in pieces of this size: a Buffer holds at most 4 GiB on Node 20. */
 const SEGMENT = 1024 ** 3;
+const EFAULT = 14;
 
 export class FileMap {
   private segments: Array<Buffer | undefined> = [];
@@ -19,7 +25,51 @@ export class FileMap {
   private blocked = false;
   private idleWaiters: Array<() => void> = [];
 
-  constructor(private readonly fd: number) {}
+  /** @param writable the fd is open for writing and write() may store through the mapping */
+  constructor(
+    private readonly fd: number,
+    private writable = false,
+  ) {}
+
+  private segment(seg: number): Buffer {
+    return (this.segments[seg] ??= native.mapFile(this.fd, seg * SEGMENT, SEGMENT, this.writable));
+  }
+
+  /** The [at, at+length) range as (segment mapping, offset in it, length) pieces. */
+  private *spans(at: number, length: number): Generator<[Buffer, number, number]> {
+    for (let pos = at; pos < at + length; ) {
+      const seg = Math.floor(pos / SEGMENT);
+      const off = pos - seg * SEGMENT;
+      const n = Math.min(SEGMENT - off, at + length - pos);
+      yield [this.segment(seg), off, n];
+      pos += n;
+    }
+  }
+
+  /**
+   * Store data at `at` through the mapping, on this thread, when that cannot wait for the disk
+   * or fail hard: every page already cached, below the file's end, no shrink in progress. The
+   * kernel does the stores (native copyIntoMapping), so a page it cannot provide is an error,
+   * not SIGBUS. False when not (or not wholly) done: the caller then writes all of it normally.
+   */
+  write(at: number, data: Buffer): boolean {
+    if (this.blocked || !this.writable) return false;
+    if (at + data.length > fs.fstatSync(this.fd).size) return false;
+    for (const [map, off, n] of this.spans(at, data.length)) if (!native.residentNow(map, off, n)) return false;
+    let from = 0;
+    for (const [map, off, n] of this.spans(at, data.length)) {
+      const copied = native.copyIntoMapping(map, off, data.subarray(from, from + n));
+      if (copied === n) {
+        from += n;
+        continue;
+      }
+      // EFAULT is a page the kernel could not provide; anything else (EPERM from a seccomp
+      // filter, ENOSYS) means this process cannot use the call at all.
+      if (copied < 0 && copied !== -EFAULT) this.writable = false;
+      return false;
+    }
+    return true;
+  }
 
   /**
    * Pinned views of the file pieces in order (a number is a hole of that length, passed
@@ -39,7 +89,7 @@ export class FileMap {
       }
       for (let pos = p.at; pos < p.at + p.len; ) {
         const seg = Math.floor(pos / SEGMENT);
-        const map = (this.segments[seg] ??= native.mapFile(this.fd, seg * SEGMENT, SEGMENT));
+        const map = this.segment(seg);
         const off = pos - seg * SEGMENT;
         const n = Math.min(SEGMENT - off, p.at + p.len - pos);
         out.push(map.subarray(off, off + n));

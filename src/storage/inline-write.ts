@@ -8,9 +8,13 @@
 // write runs inline only when it covers whole pages, is at most INLINE_MAX bytes, and the
 // dirty page cache is well under the kernel's background threshold; everything else (and
 // every write for a while after an inline one turned out slow) goes to the thread pool.
-// Set SNAPBLOCK_INLINE_WRITES=0 to send every write to the pool.
+// Where the file is mapped (file-map.ts), an inline write whose pages are all cached goes in
+// through the mapping instead of pwrite.
+// Set SNAPBLOCK_INLINE_WRITES=0 to send every write to the pool, SNAPBLOCK_MAPPED_WRITES=0 to
+// keep inline writes off the mapping.
 import fs from 'node:fs';
 import * as native from '../native/index.js';
+import type { FileMap } from './file-map.js';
 
 const PAGE = 4096;
 /** larger writes go to the pool: an inline copy of 4 MiB already holds the loop ~1 ms */
@@ -34,7 +38,7 @@ export class InlineWriteGate {
   private state: DirtyState = { dirty: 0, budget: 0 };
   private closedUntil = 0;
   /** counters, for tests and debugging */
-  readonly stats = { inline: 0, pool: 0, slow: 0 };
+  readonly stats = { inline: 0, mapped: 0, pool: 0, slow: 0 };
 
   constructor(
     private readonly enabled: boolean,
@@ -115,6 +119,8 @@ export function procDirtyState(): () => DirtyState {
 }
 
 export const inlineWrites = new InlineWriteGate(process.env.SNAPBLOCK_INLINE_WRITES !== '0', procDirtyState());
+/** whether volumes map their data files writable for mapped writes */
+export const mappedWrites = process.env.SNAPBLOCK_MAPPED_WRITES !== '0';
 
 function inline(fd: number, bufs: Buffer[], at: number, length: number): Promise<void> {
   const t = performance.now();
@@ -146,4 +152,17 @@ export function writevAt(fd: number, bufs: Buffer[], at: number): Promise<void> 
   if (inlineWrites.allows(at, length)) return inline(fd, bufs, at, length);
   inlineWrites.stats.pool++;
   return native.pwritev(fd, bufs, at);
+}
+
+/** writeAt for the file `map` maps: an inline write goes through the mapping where it can. */
+export function writeAtMapped(map: FileMap, fd: number, buf: Buffer, at: number): Promise<void> {
+  if (inlineWrites.allows(at, buf.length)) {
+    const t = performance.now();
+    if (map.write(at, buf)) {
+      inlineWrites.took(performance.now() - t);
+      inlineWrites.stats.mapped++;
+      return Promise.resolve();
+    }
+  }
+  return writeAt(fd, buf, at);
 }

@@ -8,6 +8,7 @@ import { readCheckpoint, writeCheckpoint, type CheckpointData } from './checkpoi
 import { Journal, type Rec } from './journal.js';
 import { Volume, SnapshotError } from './volume.js';
 import { FileMap } from './file-map.js';
+import { mappedWrites } from './inline-write.js';
 
 /** What every technique's checkpoint metadata holds. */
 export interface VolumeMeta {
@@ -29,7 +30,7 @@ export interface SnapRef {
 
 export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> extends Volume {
   protected snaps: S[] = [];
-  /** the data file mapped for large live reads (file-map.ts); shrinking the file goes through map.exclusive */
+  /** the data file mapped for large live reads and cached live writes (file-map.ts); shrinking the file goes through map.exclusive */
   protected readonly map: FileMap;
 
   protected constructor(
@@ -39,7 +40,7 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     protected readonly fd: number,
   ) {
     super();
-    this.map = new FileMap(fd);
+    this.map = new FileMap(fd, mappedWrites);
   }
 
   get size(): number {

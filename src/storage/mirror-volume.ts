@@ -21,7 +21,7 @@ import { Journal, Kind, type Rec } from './journal.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { ioBuffer, recycle } from '../block/io-buffers.js';
-import { writeAt } from './inline-write.js';
+import { writeAt, writeAtMapped } from './inline-write.js';
 import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
 
 const FORMAT_VERSION = 1;
@@ -438,7 +438,10 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   }
 
   protected writeLive(offset: number, data: Buffer): Promise<void> {
-    return this.both(offset, data.length, (fd, from, to) => writeAt(fd, from === offset && to === offset + data.length ? data : data.subarray(from - offset, to - offset), from));
+    return this.both(offset, data.length, (fd, from, to) => {
+      const piece = from === offset && to === offset + data.length ? data : data.subarray(from - offset, to - offset);
+      return fd === this.fd ? writeAtMapped(this.map, fd, piece, from) : writeAt(fd, piece, from);
+    });
   }
 
   protected trimLive(offset: number, length: number): Promise<void> {
