@@ -1,4 +1,6 @@
-// FileMap's guard against SIGBUS: no view past the file's end, and a shrink waits for pinned views.
+// FileMap's guard against SIGBUS: no view past the file's end, a shrink waits for pinned views,
+// and writes through the mapping happen only where they can neither wait for the disk nor fault.
+import { spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -56,5 +58,91 @@ describe('FileMap', () => {
     expect(bytesOf(v).every((b) => b === 1)).toBe(true);
     v.release();
     native.closeFile(fd);
+  });
+
+  it('writes through the mapping only to cached pages below the end, and not during a shrink', async () => {
+    const file = path.join(tempDir('filemap-'), 'data');
+    fs.writeFileSync(file, Buffer.alloc(8 * 4096, 1));
+    fs.truncateSync(file, 16 * 4096); // the last 8 pages are a hole, not in the page cache
+    const { fd } = native.openFile(file, { direct: false, readOnly: false });
+    expect(new FileMap(fd).write(0, Buffer.alloc(4096, 2))).toBe(false); // not opened for it
+    const map = new FileMap(fd, true);
+    expect(map.write(4096, Buffer.alloc(8192, 2))).toBe(true);
+    expect(map.write(100, Buffer.alloc(10, 3))).toBe(true); // any alignment: it is a copy
+    expect(map.write(12 * 4096, Buffer.alloc(4096, 4))).toBe(false); // hole: not cached
+    expect(map.write(15 * 4096, Buffer.alloc(8192, 4))).toBe(false); // past the end
+    let inside: boolean | undefined;
+    await map.exclusive(() => (inside = map.write(0, Buffer.alloc(4096, 5))));
+    expect(inside).toBe(false);
+    const expected = Buffer.alloc(16 * 4096);
+    expected.fill(1, 0, 8 * 4096).fill(2, 4096, 3 * 4096).fill(3, 100, 110);
+    expect(fs.readFileSync(file).equals(expected)).toBe(true); // through read(2), not the mapping
+    map.close();
+    native.closeFile(fd);
+  });
+
+  it('a write across the 1 GiB seam between two mappings lands whole', () => {
+    const file = path.join(tempDir('filemap-'), 'data');
+    fs.writeFileSync(file, Buffer.alloc(0));
+    fs.truncateSync(file, 2 * 1024 ** 3);
+    const { fd } = native.openFile(file, { direct: false, readOnly: false });
+    const at = 1024 ** 3 - 8192;
+    fs.writeSync(fd, Buffer.alloc(16384, 1), 0, 16384, at); // cached pages
+    const map = new FileMap(fd, true);
+    const data = Buffer.alloc(16384);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 13) & 0xff;
+    expect(map.write(at, data)).toBe(true);
+    const back = Buffer.alloc(16384);
+    fs.readSync(fd, back, 0, back.length, at);
+    expect(back.equals(data)).toBe(true);
+    map.close();
+    native.closeFile(fd);
+  });
+
+  // A store into a shared mapping that needs a block on a full filesystem raises SIGBUS; the
+  // kernel-side copy must turn that into "not written" so the caller's pwrite reports ENOSPC.
+  const root = process.getuid?.() === 0;
+  it.skipIf(!root && !process.env.CI)('a write the filesystem has no room for fails without killing the process', async () => {
+    const dir = tempDir('filemap-full-');
+    const img = path.join(dir, 'fs.img');
+    const mnt = path.join(dir, 'mnt');
+    fs.mkdirSync(mnt);
+    fs.writeFileSync(img, Buffer.alloc(0));
+    fs.truncateSync(img, 8 * 1024 * 1024);
+    const sh = (cmd: string, args: string[]) => {
+      const r = spawnSync(cmd, args, { encoding: 'utf8' });
+      expect(r.status, `${cmd} ${args.join(' ')}: ${r.stderr}`).toBe(0);
+    };
+    sh('mkfs.ext4', ['-q', '-F', img]);
+    sh('mount', ['-o', 'loop', img, mnt]);
+    try {
+      const file = path.join(mnt, 'data');
+      fs.writeFileSync(file, Buffer.alloc(0));
+      fs.truncateSync(file, 1024 * 1024); // sparse
+      const { fd } = native.openFile(file, { direct: false, readOnly: false });
+      // Read the hole so its pages are cached (as zeroes) and pass the residency check.
+      fs.readSync(fd, Buffer.alloc(1024 * 1024), 0, 1024 * 1024, 0);
+      // Fill the filesystem.
+      const filler = fs.openSync(path.join(mnt, 'filler'), 'w');
+      const chunk = Buffer.alloc(64 * 1024, 9);
+      try {
+        for (;;) fs.writeSync(filler, chunk);
+      } catch (err) {
+        expect((err as NodeJS.ErrnoException).code).toBe('ENOSPC');
+      }
+      fs.fsyncSync(filler);
+      fs.closeSync(filler);
+      // The kernel-side copy itself comes back short instead of raising SIGBUS.
+      const mapping = native.mapFile(fd, 0, 1024 * 1024, true);
+      expect(native.residentNow(mapping, 0, 1024 * 1024)).toBe(true);
+      expect(native.copyIntoMapping(mapping, 0, Buffer.alloc(1024 * 1024, 7))).toBeLessThan(1024 * 1024);
+      const map = new FileMap(fd, true);
+      expect(map.write(0, Buffer.alloc(1024 * 1024, 7))).toBe(false);
+      await expect(native.pwrite(fd, Buffer.alloc(1024 * 1024, 7), 0)).rejects.toThrow(/ENOSPC/);
+      map.close();
+      native.closeFile(fd);
+    } finally {
+      spawnSync('umount', [mnt]);
+    }
   });
 });
