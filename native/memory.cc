@@ -94,7 +94,7 @@ Napi::Value MapFile(const Napi::CallbackInfo& info) {
 }
 
 // The [at, at+length) range of a mapping Buffer, checked (throws RangeError past its end).
-uint8_t* MappedRange(const Napi::CallbackInfo& info, const char* what, int64_t at, size_t length) {
+uint8_t* MappingSpan(const Napi::CallbackInfo& info, const char* what, int64_t at, size_t length) {
   if (!info[0].IsBuffer()) throw Napi::TypeError::New(info.Env(), std::string(what) + ": mapping Buffer expected");
   auto mapping = info[0].As<Napi::Buffer<uint8_t>>();
   if (static_cast<uint64_t>(at) + length > mapping.Length()) throw Napi::RangeError::New(info.Env(), std::string(what) + ": past the mapping");
@@ -111,7 +111,7 @@ Napi::Value CopyIntoMapping(const Napi::CallbackInfo& info) {
   if (!info[2].IsBuffer()) throw Napi::TypeError::New(env, "copyIntoMapping: source Buffer expected");
   auto src = info[2].As<Napi::Buffer<uint8_t>>();
   struct iovec local = {src.Data(), src.Length()};
-  struct iovec remote = {MappedRange(info, "copyIntoMapping", at, src.Length()), src.Length()};
+  struct iovec remote = {MappingSpan(info, "copyIntoMapping", at, src.Length()), src.Length()};
   ssize_t n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
   return Napi::Number::New(env, n < 0 ? -errno : static_cast<double>(n));
 }
@@ -122,7 +122,7 @@ Napi::Value ResidentNow(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int64_t at = ArgUint(info, 1, "at");
   int64_t length = ArgUint(info, 2, "length");
-  uint8_t* start = MappedRange(info, "residentNow", at, static_cast<size_t>(length));
+  uint8_t* start = MappingSpan(info, "residentNow", at, static_cast<size_t>(length));
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   uintptr_t first = reinterpret_cast<uintptr_t>(start) & ~(page - 1);
   uintptr_t end = reinterpret_cast<uintptr_t>(start) + static_cast<uintptr_t>(length);
