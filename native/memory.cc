@@ -127,18 +127,9 @@ Napi::Value ResidentNow(const Napi::CallbackInfo& info) {
   uintptr_t first = reinterpret_cast<uintptr_t>(start) & ~(page - 1);
   uintptr_t end = reinterpret_cast<uintptr_t>(start) + static_cast<uintptr_t>(length);
   size_t pages = (end - first + page - 1) / page;
-  unsigned char small[256];
-  std::vector<unsigned char> big;
-  unsigned char* vec = small;
-  if (pages > sizeof small) {
-    big.resize(pages);
-    vec = big.data();
-  }
-  if (mincore(reinterpret_cast<void*>(first), end - first, vec) < 0) return Napi::Boolean::New(env, false);
-  for (size_t i = 0; i < pages; i++) {
-    if (!(vec[i] & 1)) return Napi::Boolean::New(env, false);
-  }
-  return Napi::Boolean::New(env, true);
+  std::vector<unsigned char> vec(pages);
+  if (mincore(reinterpret_cast<void*>(first), end - first, vec.data()) < 0) return Napi::Boolean::New(env, false);
+  return Napi::Boolean::New(env, std::all_of(vec.begin(), vec.end(), [](unsigned char v) { return (v & 1) != 0; }));
 }
 
 }  // namespace

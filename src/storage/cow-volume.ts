@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
-import type { Extent, MappedRange } from '../block/layer.js';
+import type { Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
@@ -354,11 +354,6 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
   }
 
   // ---- reads and extents ----
-
-  /** Live reads only: a snapshot's unpreserved blocks are live bytes that a later write changes. */
-  override readMapped(offset: number, length: number): MappedRange | undefined {
-    return this.map.raw(offset, length);
-  }
 
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
     const out = ioBuffer(length);

@@ -7,6 +7,7 @@ import * as native from '../native/index.js';
 import { readCheckpoint, writeCheckpoint, type CheckpointData } from './checkpoint.js';
 import { Journal, type Rec } from './journal.js';
 import { Volume, SnapshotError } from './volume.js';
+import type { MappedRange } from '../block/layer.js';
 import { FileMap } from './file-map.js';
 import { mappedWrites } from './inline-write.js';
 
@@ -41,6 +42,15 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
   ) {
     super();
     this.map = new FileMap(fd, mappedWrites);
+  }
+
+  /**
+   * Live reads straight from the data file where it is the image itself (cow, mirror; row maps
+   * through its pointer table). Never for snapshots: a COW snapshot's unpreserved blocks are
+   * live bytes that a later write changes.
+   */
+  readMapped(offset: number, length: number): MappedRange | undefined {
+    return this.map.raw(offset, length);
   }
 
   get size(): number {

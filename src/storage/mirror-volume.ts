@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
-import { BlockError, type Extent, type MappedRange } from '../block/layer.js';
+import { BlockError, type Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
@@ -455,10 +455,6 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
     const s = this.snapByName(snapshot);
     if (s.fd === undefined) throw new BlockError('EIO', `snapshot "${snapshot}" has lost its image file`);
     return s.fd;
-  }
-
-  override readMapped(offset: number, length: number): MappedRange | undefined {
-    return this.map.raw(offset, length);
   }
 
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {

@@ -1,7 +1,7 @@
 // What every snapshot technique shares: the write gate that makes snapshots
 // crash-consistent, read-only snapshot views, rollback and changed-extent reports.
 // A technique (row, cow, mirror) supplies the block-level mechanics.
-import type { BlockLayer, Capabilities, Extent, MappedRange, WriteFlags, ZeroFlags } from '../block/layer.js';
+import type { BlockLayer, Capabilities, Extent, WriteFlags, ZeroFlags } from '../block/layer.js';
 import { BlockError } from '../block/layer.js';
 
 export type SnapshotMode = 'row' | 'cow' | 'mirror';
@@ -102,11 +102,6 @@ export abstract class Volume implements BlockLayer, ViewOps {
   // ---- BlockLayer ----
   read(offset: number, length: number): Promise<Buffer> {
     return this.readView(undefined, offset, length);
-  }
-
-  /** Techniques that map their data file offer live reads from it (file-map.ts). */
-  readMapped(_offset: number, _length: number): MappedRange | undefined {
-    return undefined;
   }
 
   extents(offset: number, length: number): Promise<Extent[]> {
