@@ -1,5 +1,5 @@
-// DirectSocket over a real TCP connection: bytes land in scratch or straight in a target
-// buffer, including when the target is set after the next read was already aimed at scratch.
+// DirectSocket over a real TCP connection: bytes land in scratch or straight in target
+// pieces, including when the target is set after the next read was already aimed at scratch.
 import { afterEach, expect, it } from 'vitest';
 import crypto from 'node:crypto';
 import net from 'node:net';
@@ -41,13 +41,33 @@ it('delivers scratch bytes, then fills a target set outside a read callback, the
   const target = Buffer.alloc(300_000);
   const data = crypto.randomBytes(target.length - 10);
   let done = false;
-  direct.receiveInto(target, 10, () => (done = true));
+  direct.receiveInto([target], 10, () => (done = true));
   target.fill(7, 0, 10);
   client.write(Buffer.concat([data, Buffer.from('tail')]));
   await until(() => done && Buffer.concat(seen).toString().endsWith('tail'));
   expect(target.subarray(10).equals(data)).toBe(true);
   expect(target.subarray(0, 10).equals(Buffer.alloc(10, 7))).toBe(true);
   expect(Buffer.concat(seen).toString()).toBe('hellotail');
+});
+
+it('fills several target pieces in order, the bytes already there counted across pieces', async () => {
+  const { server, client } = await pair();
+  const seen: Buffer[] = [];
+  const direct = DirectSocket.adopt(server, new ByteQueue(), { onBytes: (v) => seen.push(Buffer.from(v)) })!;
+  cleanup.push(() => direct.socket.destroy());
+  // 1,500 bytes "arrived earlier": all of the first piece and 500 of the second.
+  const pieces = [Buffer.alloc(1000, 7), Buffer.alloc(200_000, 7), Buffer.alloc(0), Buffer.alloc(5, 7), Buffer.alloc(150_000, 7)];
+  const total = pieces.reduce((n, p) => n + p.length, 0);
+  const data = crypto.randomBytes(total - 1500);
+  let done = false;
+  direct.receiveInto(pieces, 1500, () => (done = true));
+  // In small writes, so that reads end at arbitrary points inside pieces.
+  const stream = Buffer.concat([data, Buffer.from('tail')]);
+  for (let at = 0; at < stream.length; at += 7777) client.write(stream.subarray(at, at + 7777));
+  await until(() => done && Buffer.concat(seen).toString() === 'tail');
+  const got = Buffer.concat(pieces);
+  expect(got.subarray(0, 1500).equals(Buffer.alloc(1500, 7))).toBe(true);
+  expect(got.subarray(1500).equals(data)).toBe(true);
 });
 
 it('hands over bytes Node had buffered before the adoption', async () => {

@@ -56,6 +56,18 @@ export interface MappedRange {
   release(): void;
 }
 
+/** A WRITE being received straight into its final place (BlockLayer.writeInPlace). */
+export interface InPlaceWrite {
+  /** where the payload goes, in order: views of the data file's cached pages */
+  pieces: Buffer[];
+  /**
+   * Ends the write: every payload byte has landed (complete) or the sender went away part way
+   * (then the range holds some new and some old bytes, as after a torn disk write, and was
+   * never acknowledged). With fua, resolves once the write is durable.
+   */
+  finish(complete: boolean, flags?: WriteFlags): Promise<void>;
+}
+
 export interface BlockLayer {
   readonly size: number;
   readonly caps: Capabilities;
@@ -78,6 +90,15 @@ export interface BlockLayer {
    * a layer offers this only where nothing but a write to this same range changes them.
    */
   readMapped?(offset: number, length: number): MappedRange | undefined;
+  /**
+   * Optional: a WRITE of [offset, offset+length) received by the caller straight into the
+   * place its bytes end up, with no buffer in between (one copy fewer), or undefined where
+   * this layer cannot take it so now (the caller then receives into a buffer and calls write).
+   * Until finish() the write counts as in flight, so a snapshot waits for it; a layer that
+   * cannot wait any longer calls `abandon`, and the caller must then stop receiving (close the
+   * connection) and call finish(false).
+   */
+  writeInPlace?(offset: number, length: number, abandon: () => void): InPlaceWrite | undefined;
   /** prefetch hint */
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

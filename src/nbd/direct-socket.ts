@@ -23,7 +23,8 @@ export class DirectSocket {
   /** the descriptor for thread-pool sends (reply-writer.ts) */
   readonly pool: PoolFd;
   private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH);
-  private target?: { buf: Buffer; filled: number; done: () => void };
+  /** where the next reads go: pieces[index] from byte filled on, then the following pieces */
+  private target?: { pieces: Buffer[]; index: number; filled: number; done: () => void };
 
   private constructor(
     fd: number,
@@ -37,7 +38,7 @@ export class DirectSocket {
       writable: true,
       onread: {
         // Asked for again after every read: the next read goes where this points.
-        buffer: () => (this.target ? this.target.buf.subarray(this.target.filled) : this.scratch),
+        buffer: () => (this.target ? this.target.pieces[this.target.index].subarray(this.target.filled) : this.scratch),
         callback: (n: number, buf: Uint8Array) => {
           this.received(n, buf === this.scratch);
           return true; // keep reading; back-pressure pauses the socket itself
@@ -54,17 +55,28 @@ export class DirectSocket {
     if (t) {
       if (rest) {
         // The read was already aimed at scratch when the target was set: move its share over.
-        const k = Math.min(rest.length, t.buf.length - t.filled);
-        rest.copy(t.buf, t.filled, 0, k);
-        t.filled += k;
-        rest = rest.subarray(k);
-      } else t.filled += n;
-      if (t.filled === t.buf.length) {
+        while (rest.length && t.index < t.pieces.length) {
+          const piece = t.pieces[t.index];
+          const k = Math.min(rest.length, piece.length - t.filled);
+          rest.copy(piece, t.filled, 0, k);
+          rest = rest.subarray(k);
+          this.advance(t, k);
+        }
+      } else this.advance(t, n);
+      if (t.index === t.pieces.length) {
         this.target = undefined;
         t.done();
       }
     }
     if (rest?.length) this.receiver.onBytes(rest);
+  }
+
+  private advance(t: NonNullable<DirectSocket['target']>, n: number): void {
+    t.filled += n;
+    while (t.index < t.pieces.length && t.filled >= t.pieces[t.index].length) {
+      t.filled -= t.pieces[t.index].length;
+      t.index++;
+    }
   }
 
   /**
@@ -84,9 +96,14 @@ export class DirectSocket {
     return direct;
   }
 
-  /** Receive the next buf.length - filled bytes of the stream straight into buf[filled..]. */
-  receiveInto(buf: Buffer, filled: number, done: () => void): void {
-    if (filled >= buf.length) return done();
-    this.target = { buf, filled, done };
+  /**
+   * Receive the next bytes of the stream straight into pieces, in order, after the first
+   * `filled` bytes of them (which arrived earlier); done() once all are full.
+   */
+  receiveInto(pieces: Buffer[], filled: number, done: () => void): void {
+    const t = { pieces, index: 0, filled: 0, done };
+    this.advance(t, filled);
+    if (t.index === pieces.length) return done();
+    this.target = t;
   }
 }

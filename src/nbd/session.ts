@@ -4,7 +4,7 @@
 // payloads and pending replies we stop reading the socket until work completes.
 import type net from 'node:net';
 import type { Logger } from 'pino';
-import type { BlockLayer, MappedRange } from '../block/layer.js';
+import type { BlockLayer, InPlaceWrite, MappedRange } from '../block/layer.js';
 import type { Negotiated } from './handshake.js';
 import type { MetaContextSource } from './exports.js';
 import { ByteQueue } from './byte-queue.js';
@@ -57,6 +57,7 @@ export class Session {
   /** set for plaintext connections: reads go into buffers we choose (see direct-socket.ts) */
   private readonly direct?: DirectSocket;
   private receiving = false; // a large payload is being received straight into its buffer
+  private placing?: InPlaceWrite; // ... and that buffer is the volume's own pages
   private discarding = false; // shutting down: incoming bytes are dropped
   private readonly layer: BlockLayer;
   private readonly queue: ByteQueue;
@@ -71,7 +72,7 @@ export class Session {
   private closed = false;
   private idleWaiters: Array<() => void> = [];
   /** logged when the connection ends */
-  readonly stats = { requests: 0, mappedReads: 0 };
+  readonly stats = { requests: 0, mappedReads: 0, inPlaceWrites: 0 };
   readonly done: Promise<void>;
 
   constructor(
@@ -102,6 +103,9 @@ export class Session {
     this.done = new Promise((resolve) => {
       this.socket.once('close', () => {
         this.closed = true;
+        // A payload that was landing in place stops part way; the write ends unacknowledged.
+        void this.placing?.finish(false);
+        this.placing = undefined;
         this.settleIfIdle();
         resolve();
       });
@@ -229,18 +233,34 @@ export class Session {
     return payload;
   }
 
-  /** Receive the rest of a large WRITE payload with no copy through the queue. */
+  /**
+   * Receive the rest of a large WRITE payload with no copy through the queue: into the
+   * volume's cached pages where the layer can take it there (writeInPlace), else into a buffer.
+   */
   private receiveDirect(req: Request): void {
-    const payload = ioBuffer(req.length);
+    const place = this.layer.writeInPlace?.(req.offset, req.length, () => this.abandonPlaced(req));
+    const pieces = place?.pieces ?? [ioBuffer(req.length)];
     const have = this.queue.length;
-    this.queue.takeInto(payload, 0, have);
+    for (let at = 0, i = 0; at < have; i++) {
+      const n = Math.min(pieces[i].length, have - at);
+      this.queue.takeInto(pieces[i], 0, n);
+      at += n;
+    }
     this.receiving = true;
-    this.direct!.receiveInto(payload, have, () => {
+    this.placing = place;
+    this.direct!.receiveInto(pieces, have, () => {
       this.receiving = false;
       this.pending = undefined;
-      this.dispatch(req, payload);
+      this.placing = undefined;
+      this.dispatch(req, place ?? pieces[0]);
       this.pump();
     });
+  }
+
+  /** The volume cannot wait any longer for a payload landing in place (a snapshot waits). */
+  private abandonPlaced(req: Request): void {
+    this.cfg.log.warn({ offset: req.offset, length: req.length, remote: this.socket.remoteAddress }, 'closing NBD connection: its WRITE payload was still arriving when a snapshot could wait no longer');
+    this.socket.destroy();
   }
 
   private rejectWrite(req: Request): number {
@@ -283,20 +303,22 @@ export class Session {
     }
   }
 
-  private dispatch(req: Request, payload: Buffer | undefined): void {
+  /** payload: a WRITE's bytes, in a buffer or already landed in place */
+  private dispatch(req: Request, payload: Buffer | InPlaceWrite | undefined): void {
     const err = payload ? 0 : this.validate(req);
     if (err) {
       if (req.type === Cmd.READ && this.neg.structured) this.replyError(req, err, 'invalid request');
       else this.replySimple(req, err);
       return;
     }
-    const bytes = req.type === Cmd.READ ? req.length : (payload?.length ?? 0);
+    // Memory this request holds until it completes (bytes landed in place hold none of ours).
+    const bytes = req.type === Cmd.READ ? req.length : payload instanceof Buffer ? payload.length : 0;
     this.stats.requests++;
     this.begin(bytes);
     this.execute(req, payload).then(
       () => {
         // Layers are done with a write payload once it succeeded (the BlockLayer contract).
-        if (payload) recycle(payload);
+        if (payload instanceof Buffer) recycle(payload);
         this.end(bytes);
       },
       (e: unknown) => {
@@ -308,14 +330,18 @@ export class Session {
     );
   }
 
-  private async execute(req: Request, payload: Buffer | undefined): Promise<void> {
+  private async execute(req: Request, payload: Buffer | InPlaceWrite | undefined): Promise<void> {
     const fua = (req.flags & CmdFlag.FUA) !== 0 && !this.layer.caps.readOnly;
     const L = this.layer;
     switch (req.type) {
       case Cmd.READ:
         return this.read(req);
       case Cmd.WRITE:
-        await L.write(req.offset, payload!, { fua });
+        if (payload instanceof Buffer) await L.write(req.offset, payload, { fua });
+        else {
+          this.stats.inPlaceWrites++;
+          await (payload as InPlaceWrite).finish(true, { fua });
+        }
         return this.replySimple(req, 0);
       case Cmd.FLUSH:
         await L.flush();

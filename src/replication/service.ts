@@ -4,7 +4,7 @@
 // keeps ordinary clients from writing a secondary. Failover and failback are here too.
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { BlockError, type BlockLayer, type Capabilities, type Extent, type MappedRange, type WriteFlags, type ZeroFlags } from '../block/layer.js';
+import { BlockError, type BlockLayer, type Capabilities, type Extent, type InPlaceWrite, type MappedRange, type WriteFlags, type ZeroFlags } from '../block/layer.js';
 import type { ExportProvider, OpenedExport } from '../nbd/exports.js';
 import { addBypassHook, type BypassChange, type Pool, type ReplicationStatus } from '../pool/pool.js';
 import type { VolumeReplication } from '../pool/catalog.js';
@@ -563,6 +563,29 @@ class ReplicatedExport implements BlockLayer {
   }
   readMapped(offset: number, length: number): MappedRange | undefined {
     return this.layer.readMapped?.(offset, length);
+  }
+  /** Only for a volume that is not replicated (nor fenced, nor paused): a session needs the bytes. */
+  writeInPlace(offset: number, length: number, abandon: () => void): InPlaceWrite | undefined {
+    if (!this.layer.writeInPlace || this.svc.settled(this.volume) || this.svc.session(this.volume) || !this.unreplicated()) return undefined;
+    const w = this.layer.writeInPlace(offset, length, abandon);
+    if (!w) return undefined;
+    // In flight, for whoever drains the volume's writes, until its payload is in.
+    let landed!: () => void;
+    void this.svc.track(this.volume, new Promise<void>((r) => (landed = r)));
+    return {
+      pieces: w.pieces,
+      finish: (complete, flags) => {
+        landed();
+        return w.finish(complete, flags);
+      },
+    };
+  }
+  private unreplicated(): boolean {
+    try {
+      return !this.svc.pool.replicationOf(this.volume);
+    } catch {
+      return false;
+    }
   }
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
     const s = await this.route();

@@ -14,7 +14,7 @@ import type { Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, mergeExtents, type PlacedRange, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt, writeAtMapped } from './inline-write.js';
@@ -343,6 +343,18 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
     await this.preserve(Math.floor(offset / bs), Math.floor((offset + data.length - 1) / bs));
     this.dataDirty = true;
     await writeAtMapped(this.map, this.fd, data, offset);
+  }
+
+  /** In place only where no snapshot shares a block of the range: nothing to copy out first. */
+  protected override placeLive(offset: number, length: number): PlacedRange | undefined {
+    const bs = this.meta.blockSize;
+    const last = Math.floor((offset + length - 1) / bs);
+    if (this.snaps.some((s) => s.status === 'valid')) {
+      for (let l = Math.floor(offset / bs); l <= last; l++) if (this.locks.has(l) || this.sharers(l).length) return undefined;
+    }
+    const range = this.map.place([{ at: offset, len: length }]);
+    if (range) this.dataDirty = true;
+    return range;
   }
 
   protected async trimLive(offset: number, length: number): Promise<void> {

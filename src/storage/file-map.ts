@@ -15,6 +15,7 @@
 import fs from 'node:fs';
 import * as native from '../native/index.js';
 import type { MappedRange } from '../block/layer.js';
+import type { PlacedRange } from './volume.js';
 
 /** Mapped in pieces of this size: a Buffer holds at most 4 GiB on Node 20. */
 const SEGMENT = 1024 ** 3;
@@ -48,15 +49,23 @@ export class FileMap {
   }
 
   /**
-   * Store data at `at` through the mapping, on this thread, when that cannot wait for the disk
-   * or fail hard: every page already cached, below the file's end, no shrink in progress. The
-   * kernel does the stores (native copyIntoMapping), so a page it cannot provide is an error,
-   * not SIGBUS. False when not (or not wholly) done: the caller then writes all of it normally.
+   * Whether [at, at+length) may be stored into through the mapping on this thread now: every
+   * page already cached (no wait for the disk), below the file's end, no shrink in progress.
+   */
+  private storable(at: number, length: number): boolean {
+    if (this.blocked || !this.writable) return false;
+    if (at + length > fs.fstatSync(this.fd).size) return false;
+    for (const [map, off, n] of this.spans(at, length)) if (!native.residentNow(map, off, n)) return false;
+    return true;
+  }
+
+  /**
+   * Store data at `at` through the mapping, on this thread, where storable. The kernel does
+   * the stores (native copyIntoMapping), so a page it cannot provide is an error, not SIGBUS.
+   * False when not (or not wholly) done: the caller then writes all of it normally.
    */
   write(at: number, data: Buffer): boolean {
-    if (this.blocked || !this.writable) return false;
-    if (at + data.length > fs.fstatSync(this.fd).size) return false;
-    for (const [map, off, n] of this.spans(at, data.length)) if (!native.residentNow(map, off, n)) return false;
+    if (!this.storable(at, data.length)) return false;
     let from = 0;
     for (const [map, off, n] of this.spans(at, data.length)) {
       const copied = native.copyIntoMapping(map, off, data.subarray(from, from + n));
@@ -70,6 +79,22 @@ export class FileMap {
       return false;
     }
     return true;
+  }
+
+  /**
+   * Pinned writable views of the file runs, in order, for the kernel to receive a socket's
+   * bytes into (BlockLayer.writeInPlace); undefined unless every run is storable and already
+   * allocated on disk. The kernel's copy then cannot fail for want of space (no block to
+   * allocate) and never raises SIGBUS (a fault it cannot serve fails the recv instead).
+   */
+  place(runs: ReadonlyArray<{ at: number; len: number }>): PlacedRange | undefined {
+    for (const r of runs) {
+      if (!this.storable(r.at, r.len)) return undefined;
+      const e = native.extentsNow(this.fd, r.at, r.len);
+      if (e.length !== 1 || !e[0].data || e[0].offset > r.at || e[0].offset + e[0].length < r.at + r.len) return undefined;
+    }
+    const v = this.view(runs);
+    return v && { pieces: v.pieces as Buffer[], release: v.release };
   }
 
   /**

@@ -19,7 +19,7 @@ import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
-import { SnapshotError, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, blocksToExtents, type PlacedRange, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { ioBuffer, recycle } from '../block/io-buffers.js';
 import { writeAt, writeAtMapped } from './inline-write.js';
 import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
@@ -442,6 +442,21 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
       const piece = from === offset && to === offset + data.length ? data : data.subarray(from - offset, to - offset);
       return fd === this.fd ? writeAtMapped(this.map, fd, piece, from) : writeAt(fd, piece, from);
     });
+  }
+
+  /**
+   * In place only with no mirror attached (its copy would need the bytes too) and where the
+   * newest snapshot's record of changed blocks already durably covers the range (intent).
+   */
+  protected override placeLive(offset: number, length: number): PlacedRange | undefined {
+    if (this.meta.mirror.state !== 'none') return undefined;
+    const newest = this.snaps[this.snaps.length - 1];
+    if (newest) {
+      const bs = this.meta.blockSize;
+      const last = Math.floor((offset + length - 1) / bs);
+      for (let l = Math.floor(offset / bs); l <= last; l++) if (!newest.written.has(l) || this.pendingIntent.has(l)) return undefined;
+    }
+    return this.map.place([{ at: offset, len: length }]);
   }
 
   protected trimLive(offset: number, length: number): Promise<void> {

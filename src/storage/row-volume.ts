@@ -13,7 +13,7 @@ import * as native from '../native/index.js';
 import type { BlockLayer, Extent, MappedRange } from '../block/layer.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { SnapshotError, mergeExtents, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, mergeExtents, blocksToExtents, type PlacedRange, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
 import { DiskRuns, readAt, readRuns, writeRuns } from './io.js';
 import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
@@ -257,6 +257,33 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
       }
     }
     await Promise.all([writeRuns(this.fd, inPlace.pieces(data)), ...redirects]);
+  }
+
+  /**
+   * In place only where every block of the range is already this volume's own: allocated,
+   * born after the newest snapshot, no redirect running. (A block released meanwhile by a
+   * trim is not reused while the placed views are pinned, as for mapped reads.)
+   */
+  protected override placeLive(offset: number, length: number): PlacedRange | undefined {
+    const bs = this.meta.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    if (this.busy(first, last)) return undefined;
+    const newest = this.newest();
+    const runs: Array<{ at: number; len: number }> = [];
+    for (let l = first; l <= last; l++) {
+      const p = this.table.ptr(l);
+      if (p === UNALLOCATED || p === ZERO || (newest !== undefined && this.table.birth(l) <= newest.gen)) return undefined;
+      const bo = l === first ? offset - l * bs : 0;
+      const n = Math.min(bs - bo, offset + length - (l * bs + bo));
+      const at = (p - 1) * bs + bo;
+      const run = runs[runs.length - 1];
+      if (run && run.at + run.len === at) run.len += n;
+      else runs.push({ at, len: n });
+    }
+    const range = this.map.place(runs);
+    if (range) this.dataDirty = true;
+    return range;
   }
 
   /** Copy-merge a block into a newly allocated one: shared with a snapshot, or a clone block still in its base. */

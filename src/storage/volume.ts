@@ -1,7 +1,7 @@
 // What every snapshot technique shares: the write gate that makes snapshots
 // crash-consistent, read-only snapshot views, rollback and changed-extent reports.
 // A technique (row, cow, mirror) supplies the block-level mechanics.
-import type { BlockLayer, Capabilities, Extent, WriteFlags, ZeroFlags } from '../block/layer.js';
+import type { BlockLayer, Capabilities, Extent, InPlaceWrite, WriteFlags, ZeroFlags } from '../block/layer.js';
 import { BlockError } from '../block/layer.js';
 
 export type SnapshotMode = 'row' | 'cow' | 'mirror';
@@ -21,6 +21,18 @@ export interface ChangedExtent {
   offset: number;
   length: number;
 }
+
+/** Where the bytes of a live write can be received in place: pinned views, in order. */
+export interface PlacedRange {
+  pieces: Buffer[];
+  release(): void;
+}
+
+/**
+ * How long a snapshot (any quiesce) waits for in-place writes whose payload is still arriving
+ * before their connections are closed: their bytes are already landing in the live volume.
+ */
+const ARRIVING_PATIENCE_MS = 5000;
 
 export class SnapshotError extends Error {
   constructor(
@@ -79,9 +91,19 @@ export abstract class Volume implements BlockLayer, ViewOps {
   private inflight = 0;
   private gate?: Promise<void>;
   private drained?: () => void;
+  /** abandon callbacks of in-place writes whose payload is still arriving */
+  private readonly arriving = new Set<() => void>();
 
   // ---- technique hooks ----
   protected abstract writeLive(offset: number, data: Buffer): Promise<void>;
+  /**
+   * Where a live write of [offset, offset+length) may land as it arrives, with nothing to do
+   * before or after the bytes are stored (no copy-out, no redirect, no intent record), or
+   * undefined. Only the data file's cached, allocated pages qualify (FileMap.place).
+   */
+  protected placeLive(_offset: number, _length: number): PlacedRange | undefined {
+    return undefined;
+  }
   protected abstract trimLive(offset: number, length: number, zero: boolean): Promise<void>;
   abstract readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer>;
   abstract extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]>;
@@ -116,6 +138,26 @@ export abstract class Volume implements BlockLayer, ViewOps {
       this.leave();
     }
     if (flags.fua) await this.flush();
+  }
+
+  writeInPlace(offset: number, length: number, abandon: () => void): InPlaceWrite | undefined {
+    if (this.gate || length === 0) return undefined; // admitted now or not at all
+    const range = this.placeLive(offset, length);
+    if (!range) return undefined;
+    this.inflight++;
+    this.arriving.add(abandon);
+    let finished = false;
+    return {
+      pieces: range.pieces,
+      finish: async (complete, flags = {}) => {
+        if (finished) return;
+        finished = true;
+        this.arriving.delete(abandon);
+        range.release();
+        this.leave();
+        if (complete && flags.fua) await this.flush();
+      },
+    };
   }
 
   async trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
@@ -169,7 +211,17 @@ export abstract class Volume implements BlockLayer, ViewOps {
     let open!: () => void;
     this.gate = new Promise((r) => (open = r));
     try {
-      if (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
+      if (this.inflight > 0) {
+        const drained = new Promise<void>((r) => (this.drained = r));
+        const patience = setTimeout(() => {
+          for (const abandon of this.arriving) abandon();
+        }, ARRIVING_PATIENCE_MS);
+        try {
+          await drained;
+        } finally {
+          clearTimeout(patience);
+        }
+      }
       this.drained = undefined;
       return await fn();
     } finally {
