@@ -60,6 +60,38 @@ describe('FileMap', () => {
     native.closeFile(fd);
   });
 
+  it('places receives only over cached, allocated pages below the end, pinned like views', async () => {
+    const file = path.join(tempDir('filemap-'), 'data');
+    fs.writeFileSync(file, Buffer.alloc(8 * 4096, 1));
+    fs.truncateSync(file, 16 * 4096); // the last 8 pages are a hole
+    const { fd } = native.openFile(file, { direct: false, readOnly: false });
+    expect(new FileMap(fd).place([{ at: 0, len: 4096 }])).toBeUndefined(); // not opened for it
+    const map = new FileMap(fd, true);
+    // a hole cached as zeroes still has no block on disk: the kernel's copy could fail for space
+    const hole = Buffer.alloc(4096);
+    fs.readSync(fd, hole, 0, 4096, 12 * 4096);
+    expect(map.place([{ at: 12 * 4096, len: 4096 }])).toBeUndefined();
+    expect(map.place([{ at: 7 * 4096, len: 8192 }])).toBeUndefined(); // reaches into the hole
+    expect(map.place([{ at: 15 * 4096, len: 8192 }])).toBeUndefined(); // past the end
+    const placed = map.place([{ at: 5 * 4096 + 10, len: 100 }, { at: 4096, len: 4096 }])!;
+    expect(placed.pieces.map((p) => p.length)).toEqual([100, 4096]);
+    placed.pieces[0].fill(2); // as the kernel's recv would
+    placed.pieces[1].fill(3);
+    let shrunk = false;
+    const shrinking = map.exclusive(() => {
+      fs.ftruncateSync(fd, 8 * 4096);
+      shrunk = true;
+    });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(shrunk).toBe(false); // the placed pieces are pinned
+    placed.release();
+    await shrinking;
+    const expected = Buffer.alloc(8 * 4096, 1).fill(3, 4096, 8192).fill(2, 5 * 4096 + 10, 5 * 4096 + 110);
+    expect(fs.readFileSync(file).equals(expected)).toBe(true); // through read(2), not the mapping
+    map.close();
+    native.closeFile(fd);
+  });
+
   it('writes through the mapping only to cached pages below the end, and not during a shrink', async () => {
     const file = path.join(tempDir('filemap-'), 'data');
     fs.writeFileSync(file, Buffer.alloc(8 * 4096, 1));
