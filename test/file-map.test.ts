@@ -60,6 +60,31 @@ describe('FileMap', () => {
     native.closeFile(fd);
   });
 
+  it('released() waits for the views pinned before it, not for those pinned after', async () => {
+    const file = path.join(tempDir('filemap-'), 'data');
+    fs.writeFileSync(file, Buffer.alloc(65536, 1));
+    const { fd } = native.openFile(file, { direct: false, readOnly: false });
+    const map = new FileMap(fd);
+    const a = map.view([{ at: 0, len: 4096 }])!;
+    let done = false;
+    const waiting = map.released().then(() => (done = true));
+    // a steady stream: a new view is always pinned before the last one goes
+    let last = map.view([{ at: 4096, len: 4096 }])!;
+    for (let i = 0; i < 5; i++) {
+      const next = map.view([{ at: 4096, len: 4096 }])!;
+      last.release();
+      last = next;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    expect(done).toBe(false); // a is still pinned
+    a.release();
+    await waiting;
+    expect(done).toBe(true);
+    last.release();
+    await map.released(); // nothing pinned: at once
+    native.closeFile(fd);
+  });
+
   it('places receives only over cached, allocated pages below the end, pinned like views', async () => {
     const file = path.join(tempDir('filemap-'), 'data');
     fs.writeFileSync(file, Buffer.alloc(8 * 4096, 1));

@@ -23,9 +23,11 @@ const EFAULT = 14;
 
 export class FileMap {
   private segments: Array<Buffer | undefined> = [];
-  private pins = 0;
+  /** pinned views by the epoch they were taken in; an epoch ends at each released() call */
+  private pinned = new Map<number, number>();
+  private epoch = 0;
+  private waiters: Array<{ upTo: number; done: () => void }> = [];
   private blocked = false;
-  private idleWaiters: Array<() => void> = [];
 
   /** @param writable the fd is open for writing and write() may store through the mapping */
   constructor(
@@ -115,14 +117,20 @@ export class FileMap {
       }
       for (const [map, off, n] of this.spans(p.at, p.len)) out.push(map.subarray(off, off + n));
     }
-    this.pins++;
+    const epoch = this.epoch;
+    this.pinned.set(epoch, (this.pinned.get(epoch) ?? 0) + 1);
     let released = false;
     return {
       pieces: out,
       release: () => {
         if (released) return;
         released = true;
-        if (--this.pins === 0) for (const w of this.idleWaiters.splice(0)) w();
+        const left = this.pinned.get(epoch)! - 1;
+        if (left) this.pinned.set(epoch, left);
+        else {
+          this.pinned.delete(epoch);
+          this.wake();
+        }
       },
     };
   }
@@ -140,10 +148,30 @@ export class FileMap {
     return this.view(pieces);
   }
 
-  /** Resolves once no view is pinned. */
-  idle(): Promise<void> {
-    if (this.pins === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  /**
+   * Resolves once every view pinned before this call has been released. Views pinned later
+   * do not delay it, so it ends under a steady stream of mapped reads and placed writes.
+   */
+  released(): Promise<void> {
+    const upTo = this.epoch++;
+    if (this.oldestPinned() > upTo) return Promise.resolve();
+    return new Promise((done) => this.waiters.push({ upTo, done }));
+  }
+
+  private oldestPinned(): number {
+    let oldest = Infinity;
+    for (const e of this.pinned.keys()) oldest = Math.min(oldest, e);
+    return oldest;
+  }
+
+  private wake(): void {
+    if (!this.waiters.length) return;
+    const oldest = this.oldestPinned();
+    this.waiters = this.waiters.filter((w) => {
+      if (w.upTo >= oldest) return true;
+      w.done();
+      return false;
+    });
   }
 
   /** Run fn (which may shrink the file) with no view pinned and none given out meanwhile. */
@@ -151,7 +179,7 @@ export class FileMap {
     const was = this.blocked;
     this.blocked = true;
     try {
-      await this.idle();
+      await this.released(); // no view is given out meanwhile: then none is pinned
       return await fn();
     } finally {
       this.blocked = was;

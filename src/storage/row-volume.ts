@@ -514,7 +514,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
       for (const p of freed) this.scrubbing.add(p);
       this.punching = this.punching.then(async () => {
         try {
-          await this.map.idle(); // a pinned view may still be reading a released block
+          await this.map.released(); // a view pinned before may still be reading (or receiving into) a released block
           await this.punch(freed, 2);
           for (const p of freed) {
             this.scrubbing.delete(p);
