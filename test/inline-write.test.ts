@@ -50,6 +50,17 @@ describe('InlineWriteGate policy', () => {
     expect(gate.allows(0, 4 * KiB)).toBe(true);
   });
 
+  it('dirtyRoom (asked before a payload is received in place) is the dirty budget alone: any length, any alignment, even while the gate is closed', () => {
+    const { gate, clock, box } = fakeGate({ dirty: 10, budget: 100 });
+    expect(gate.dirtyRoom()).toBe(true);
+    gate.took(30); // closes allows(), not dirtyRoom()
+    expect(gate.allows(0, 4 * KiB)).toBe(false);
+    expect(gate.dirtyRoom()).toBe(true);
+    box.state = { dirty: 100, budget: 100 };
+    clock.t += 20;
+    expect(gate.dirtyRoom()).toBe(false);
+  });
+
   it('a slow inline write closes the gate for a second', () => {
     const { gate, clock } = fakeGate({ dirty: 0, budget: 100 });
     gate.took(1.5);

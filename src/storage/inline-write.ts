@@ -55,8 +55,17 @@ export class InlineWriteGate {
   /** May a write of `length` bytes at `offset` run on the JS thread now? */
   allows(offset: number, length: number): boolean {
     if (!this.enabled || length > INLINE_MAX || offset % PAGE !== 0 || length % PAGE !== 0) return false;
+    if (this.now() < this.closedUntil) return false;
+    return this.dirtyRoom();
+  }
+
+  /**
+   * Is the dirty page cache well under the kernel's background threshold, so that dirtying
+   * pages cannot be throttled by balance_dirty_pages? Also asked before a payload is received
+   * in place (volume.ts writeInPlace): its page faults on the JS thread would be throttled too.
+   */
+  dirtyRoom(): boolean {
     const t = this.now();
-    if (t < this.closedUntil) return false;
     if (t - this.sampledAt >= SAMPLE_MS) {
       this.sampledAt = t;
       try {

@@ -3,6 +3,7 @@
 // A technique (row, cow, mirror) supplies the block-level mechanics.
 import type { BlockLayer, Capabilities, Extent, InPlaceWrite, WriteFlags, ZeroFlags } from '../block/layer.js';
 import { BlockError } from '../block/layer.js';
+import { inlineWrites } from './inline-write.js';
 
 export type SnapshotMode = 'row' | 'cow' | 'mirror';
 export const SNAPSHOT_MODES: readonly SnapshotMode[] = ['row', 'cow', 'mirror'];
@@ -142,6 +143,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
 
   writeInPlace(offset: number, length: number, abandon: () => void): InPlaceWrite | undefined {
     if (this.gate || length === 0) return undefined; // admitted now or not at all
+    if (!inlineWrites.dirtyRoom()) return undefined; // the receive's page faults must not be throttled
     const range = this.placeLive(offset, length);
     if (!range) return undefined;
     this.inflight++;
