@@ -83,7 +83,8 @@ describe.each(MODES)('%s volume', (mode) => {
     expected[mode] = Buffer.alloc(2 * MiB, FILL);
     for (const [at, len, byte] of WRITES) expected[mode].fill(byte, at - START, at - START + len);
     const before = await inPlaceWritesAfter(mode, connections[mode]);
-    for (const [at, len, byte] of WRITES) qemuIo(srv.uri(mode), `write -P ${byte} ${at} ${len}`, 'flush');
+    // the last with FUA: acknowledged once durable (the in-place write's finish flushes)
+    WRITES.forEach(([at, len, byte], i) => qemuIo(srv.uri(mode), `write ${i === WRITES.length - 1 ? '-f ' : ''}-P ${byte} ${at} ${len}`, 'flush'));
     connections[mode] += WRITES.length;
     expect(await inPlaceWritesAfter(mode, connections[mode])).toBe(before + WRITES.length);
     expect(sha(readRegion(srv.uri(mode)))).toBe(sha(expected[mode]));
