@@ -94,11 +94,12 @@ export interface BlockLayer {
    * Optional: a WRITE of [offset, offset+length) received by the caller straight into the
    * place its bytes end up, with no buffer in between (one copy fewer), or undefined where
    * this layer cannot take it so now (the caller then receives into a buffer and calls write).
-   * Until finish() the write counts as in flight, so a snapshot waits for it; a layer that
-   * cannot wait any longer calls `abandon`, and the caller must then stop receiving (close the
-   * connection) and call finish(false).
+   * Until finish() the write counts as in flight, so a snapshot waits for it. While something
+   * waits, the layer calls `waited(idleMs)` every idleMs; if no payload byte arrived in the
+   * last idleMs, the caller must stop receiving (close the connection) and call finish(false):
+   * a stalled sender holds no snapshot back for long, a slow one is waited for.
    */
-  writeInPlace?(offset: number, length: number, abandon: () => void): InPlaceWrite | undefined;
+  writeInPlace?(offset: number, length: number, waited: (idleMs: number) => void): InPlaceWrite | undefined;
   /** prefetch hint */
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

@@ -25,6 +25,8 @@ export class DirectSocket {
   private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH);
   /** where the next reads go: pieces[index] from byte filled on, then the following pieces */
   private target?: { pieces: Buffer[]; index: number; filled: number; done: () => void };
+  /** when bytes last landed in a target (performance.now()), to tell a stalled sender from a slow one */
+  private lastTargetAt = 0;
 
   private constructor(
     fd: number,
@@ -63,6 +65,7 @@ export class DirectSocket {
           this.advance(t, k);
         }
       } else this.advance(t, n);
+      this.lastTargetAt = performance.now();
       if (t.index === t.pieces.length) {
         this.target = undefined;
         t.done();
@@ -94,6 +97,11 @@ export class DirectSocket {
     old.removeAllListeners('data');
     old.destroy();
     return direct;
+  }
+
+  /** ms since bytes last landed in a target, or since `since` if that is later */
+  targetIdleMs(since: number): number {
+    return performance.now() - Math.max(since, this.lastTargetAt);
   }
 
   /**

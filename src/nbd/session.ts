@@ -238,7 +238,10 @@ export class Session {
    * volume's cached pages where the layer can take it there (writeInPlace), else into a buffer.
    */
   private receiveDirect(req: Request): void {
-    const place = this.layer.writeInPlace?.(req.offset, req.length, () => this.abandonPlaced(req));
+    const began = performance.now();
+    const place = this.layer.writeInPlace?.(req.offset, req.length, (idleMs) => {
+      if (this.direct!.targetIdleMs(began) >= idleMs) this.abandonPlaced(req);
+    });
     const pieces = place?.pieces ?? [ioBuffer(req.length)];
     const have = this.queue.length;
     for (let at = 0, i = 0; at < have; i++) {
@@ -257,9 +260,9 @@ export class Session {
     });
   }
 
-  /** The volume cannot wait any longer for a payload landing in place (a snapshot waits). */
+  /** A payload landing in place made no progress while a snapshot waited for it. */
   private abandonPlaced(req: Request): void {
-    this.cfg.log.warn({ offset: req.offset, length: req.length, remote: this.socket.remoteAddress }, 'closing NBD connection: its WRITE payload was still arriving when a snapshot could wait no longer');
+    this.cfg.log.warn({ offset: req.offset, length: req.length, remote: this.socket.remoteAddress }, 'closing NBD connection: its WRITE payload stopped arriving while a snapshot waited for it');
     this.socket.destroy();
   }
 

@@ -565,9 +565,9 @@ class ReplicatedExport implements BlockLayer {
     return this.layer.readMapped?.(offset, length);
   }
   /** Only for a volume that is not replicated (nor fenced, nor paused): a session needs the bytes. */
-  writeInPlace(offset: number, length: number, abandon: () => void): InPlaceWrite | undefined {
+  writeInPlace(offset: number, length: number, waited: (idleMs: number) => void): InPlaceWrite | undefined {
     if (!this.layer.writeInPlace || this.svc.settled(this.volume) || this.svc.session(this.volume) || !this.unreplicated()) return undefined;
-    const w = this.layer.writeInPlace(offset, length, abandon);
+    const w = this.layer.writeInPlace(offset, length, waited);
     if (!w) return undefined;
     // In flight, for whoever drains the volume's writes, until its payload is in.
     let landed!: () => void;

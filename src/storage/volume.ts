@@ -30,8 +30,10 @@ export interface PlacedRange {
 }
 
 /**
- * How long a snapshot (any quiesce) waits for in-place writes whose payload is still arriving
- * before their connections are closed: their bytes are already landing in the live volume.
+ * While a snapshot (any quiesce) waits for in-place writes whose payload is still arriving,
+ * it tells their receivers this often; one whose payload stopped arriving for this long
+ * closes its connection (its bytes are already landing in the live volume, so the write
+ * cannot be put off instead).
  */
 const ARRIVING_PATIENCE_MS = 5000;
 
@@ -92,8 +94,8 @@ export abstract class Volume implements BlockLayer, ViewOps {
   private inflight = 0;
   private gate?: Promise<void>;
   private drained?: () => void;
-  /** abandon callbacks of in-place writes whose payload is still arriving */
-  private readonly arriving = new Set<() => void>();
+  /** `waited` callbacks of in-place writes whose payload is still arriving */
+  private readonly arriving = new Set<(idleMs: number) => void>();
 
   // ---- technique hooks ----
   protected abstract writeLive(offset: number, data: Buffer): Promise<void>;
@@ -141,20 +143,20 @@ export abstract class Volume implements BlockLayer, ViewOps {
     if (flags.fua) await this.flush();
   }
 
-  writeInPlace(offset: number, length: number, abandon: () => void): InPlaceWrite | undefined {
+  writeInPlace(offset: number, length: number, waited: (idleMs: number) => void): InPlaceWrite | undefined {
     if (this.gate || length === 0) return undefined; // admitted now or not at all
     if (!inlineWrites.dirtyRoom()) return undefined; // the receive's page faults must not be throttled
     const range = this.placeLive(offset, length);
     if (!range) return undefined;
     this.inflight++;
-    this.arriving.add(abandon);
+    this.arriving.add(waited);
     let finished = false;
     return {
       pieces: range.pieces,
       finish: async (complete, flags = {}) => {
         if (finished) return;
         finished = true;
-        this.arriving.delete(abandon);
+        this.arriving.delete(waited);
         range.release();
         this.leave();
         if (complete && flags.fua) await this.flush();
@@ -215,13 +217,13 @@ export abstract class Volume implements BlockLayer, ViewOps {
     try {
       if (this.inflight > 0) {
         const drained = new Promise<void>((r) => (this.drained = r));
-        const patience = setTimeout(() => {
-          for (const abandon of this.arriving) abandon();
+        const patience = setInterval(() => {
+          for (const waited of this.arriving) waited(ARRIVING_PATIENCE_MS);
         }, ARRIVING_PATIENCE_MS);
         try {
           await drained;
         } finally {
-          clearTimeout(patience);
+          clearInterval(patience);
         }
       }
       this.drained = undefined;
