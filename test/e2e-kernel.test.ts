@@ -36,6 +36,19 @@ describe('kernel nbd client in a QEMU guest', () => {
     expect(r.ok, show(r)).toBe(true);
   }, 300_000);
 
+  it('fio again over the same blocks, 64k-1m: overwrites land in the page cache in place, verified by the kernel client', async () => {
+    const r = await runGuest({ port: srv.port, exportName: 'raw', scenario: 'fio', extra: { FIO_SIZE: '32M', FIO_BS: '64k-1m' } });
+    expect(r.ok, show(r)).toBe(true);
+    // the server's per-connection counts (logged when each connection ends)
+    let inPlace = 0;
+    for (const line of srv.logs().split('\n')) {
+      if (!line.includes('"NBD client disconnected"')) continue;
+      const o = JSON.parse(line) as { export?: string; inPlaceWrites?: number };
+      if (o.export === 'raw') inPlace += o.inPlaceWrites ?? 0;
+    }
+    expect(inPlace).toBeGreaterThan(0);
+  }, 300_000);
+
   it('snapshot, overwrite, then the snapshot mounts read-only and a clone read-write with the old files', async () => {
     expect(sums).not.toBe('');
     expect(srv.cli(['snapshot', 'create', 'disk', 'before']).status).toBe(0);

@@ -54,9 +54,9 @@ export class FileMap {
    * Whether [at, at+length) may be stored into through the mapping on this thread now: every
    * page already cached (no wait for the disk), below the file's end, no shrink in progress.
    */
-  private storable(at: number, length: number): boolean {
+  private storable(at: number, length: number, size = fs.fstatSync(this.fd).size): boolean {
     if (this.blocked || !this.writable) return false;
-    if (at + length > fs.fstatSync(this.fd).size) return false;
+    if (at + length > size) return false;
     for (const [map, off, n] of this.spans(at, length)) if (!native.residentNow(map, off, n)) return false;
     return true;
   }
@@ -90,25 +90,26 @@ export class FileMap {
    * allocate) and never raises SIGBUS (a fault it cannot serve fails the recv instead).
    */
   place(runs: ReadonlyArray<{ at: number; len: number }>): PlacedRange | undefined {
+    const size = fs.fstatSync(this.fd).size; // once: a ROW range can be many runs
     for (const r of runs) {
-      if (!this.storable(r.at, r.len)) return undefined;
+      if (!this.storable(r.at, r.len, size)) return undefined;
       const e = native.extentsNow(this.fd, r.at, r.len);
       if (e.length !== 1 || !e[0].data || e[0].offset > r.at || e[0].offset + e[0].length < r.at + r.len) return undefined;
     }
-    const v = this.view(runs);
+    const v = this.view(runs, size);
     return v && { pieces: v.pieces as Buffer[], release: v.release };
   }
 
   /**
    * Pinned views of the file pieces in order (a number is a hole of that length, passed
-   * through), or undefined when some piece reaches past the file's end or a shrink is in
-   * progress (the caller then reads normally).
+   * through), or undefined when some piece reaches past the file's end (`size`: as fstat just
+   * said, if the caller asked) or a shrink is in progress (the caller then reads normally).
    */
-  view(pieces: ReadonlyArray<{ at: number; len: number } | number>): MappedRange | undefined {
+  view(pieces: ReadonlyArray<{ at: number; len: number } | number>, size?: number): MappedRange | undefined {
     if (this.blocked) return undefined;
     let end = 0;
     for (const p of pieces) if (typeof p !== 'number') end = Math.max(end, p.at + p.len);
-    if (end > fs.fstatSync(this.fd).size) return undefined;
+    if (end > (size ?? fs.fstatSync(this.fd).size)) return undefined;
     const out: Array<Buffer | number> = [];
     for (const p of pieces) {
       if (typeof p === 'number') {
