@@ -265,23 +265,16 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
    * trim is not reused while the placed views are pinned, as for mapped reads.)
    */
   protected override placeLive(offset: number, length: number): PlacedRange | undefined {
-    const bs = this.meta.blockSize;
-    const first = Math.floor(offset / bs);
-    const last = Math.floor((offset + length - 1) / bs);
-    if (this.busy(first, last)) return undefined;
     const newest = this.newest();
-    const runs: Array<{ at: number; len: number }> = [];
-    for (let l = first; l <= last; l++) {
-      const p = this.table.ptr(l);
-      if (p === UNALLOCATED || p === ZERO || (newest !== undefined && this.table.birth(l) <= newest.gen)) return undefined;
-      const bo = l === first ? offset - l * bs : 0;
-      const n = Math.min(bs - bo, offset + length - (l * bs + bo));
-      const at = (p - 1) * bs + bo;
-      const run = runs[runs.length - 1];
-      if (run && run.at + run.len === at) run.len += n;
-      else runs.push({ at, len: n });
+    if (newest !== undefined) {
+      const bs = this.meta.blockSize;
+      const last = Math.floor((offset + length - 1) / bs);
+      for (let l = Math.floor(offset / bs); l <= last; l++) if (this.table.birth(l) <= newest.gen) return undefined;
     }
-    const range = this.map.place(runs);
+    const pieces = this.livePieces(offset, length);
+    // a hole (unallocated or punched block) would need a block allocated first
+    if (!pieces || pieces.some((p) => typeof p === 'number')) return undefined;
+    const range = this.map.place(pieces as Array<{ at: number; len: number }>);
     if (range) this.dataDirty = true;
     return range;
   }
@@ -377,9 +370,20 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
 
   /**
    * Live reads of allocated blocks. A mapped block changes only by a write to its own logical
-   * block: a released block is punched and reused only once no view is pinned (flushOnce).
+   * block: a released block is punched and reused only once every view pinned before its
+   * release is released (flushOnce).
    */
   override readMapped(offset: number, length: number): MappedRange | undefined {
+    const pieces = this.livePieces(offset, length);
+    return pieces && this.map.view(pieces);
+  }
+
+  /**
+   * The live range as data-file runs, contiguous blocks merged, and holes (unallocated or
+   * punched blocks) as their lengths; undefined while a redirect runs on some block, or where
+   * a block is still in a clone's base.
+   */
+  private livePieces(offset: number, length: number): Array<{ at: number; len: number } | number> | undefined {
     const bs = this.meta.blockSize;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
@@ -400,7 +404,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
       if (run !== undefined && typeof run !== 'number' && run.at + run.len === at) run.len += n;
       else pieces.push({ at, len: n });
     }
-    return this.map.view(pieces);
+    return pieces;
   }
 
   async readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer> {
