@@ -3,7 +3,7 @@
 // then a snapshot mounted read-only and a clone mounted read-write.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureGuestBuilt, nbdfuseFs, nbdfuseSkipReason, runGuest } from './helpers/guest.js';
-import { startServer, type RunningServer } from './helpers/server.js';
+import { endedSessions, startServer, type RunningServer } from './helpers/server.js';
 
 let srv: RunningServer;
 beforeAll(async () => {
@@ -40,12 +40,7 @@ describe('kernel nbd client in a QEMU guest', () => {
     const r = await runGuest({ port: srv.port, exportName: 'raw', scenario: 'fio', extra: { FIO_SIZE: '32M', FIO_BS: '64k-1m' } });
     expect(r.ok, show(r)).toBe(true);
     // the server's per-connection counts (logged when each connection ends)
-    let inPlace = 0;
-    for (const line of srv.logs().split('\n')) {
-      if (!line.includes('"NBD client disconnected"')) continue;
-      const o = JSON.parse(line) as { export?: string; inPlaceWrites?: number };
-      if (o.export === 'raw') inPlace += o.inPlaceWrites ?? 0;
-    }
+    const inPlace = endedSessions(srv.logs(), 'raw').reduce((n, c) => n + c.inPlaceWrites, 0);
     expect(inPlace).toBeGreaterThan(0);
   }, 300_000);
 

@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cliAsync, nbdsh, run, startServer, tempDir, type RunningServer } from './helpers/server.js';
+import { cliAsync, endedSessions, nbdsh, qemuIo, startServer, tempDir, type RunningServer } from './helpers/server.js';
 import { closed, rawConnect, readExactly, request } from './helpers/raw-nbd.js';
 
 const KiB = 1024;
@@ -27,35 +27,17 @@ let srv: RunningServer;
 
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
-function qemuIo(uri: string, ...cmds: string[]): void {
-  const readOnly = uri.includes('@') ? ['-r'] : []; // snapshot exports are read-only
-  const q = run('qemu-io', [...readOnly, '-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
-  expect(q.status, q.stderr + q.stdout).toBe(0);
-  expect(q.stdout).not.toMatch(/Pattern verification failed|error/i);
-}
-
 function readRegion(uri: string): Buffer {
   const hex = nbdsh(uri, `print(h.pread(${2 * MiB}, ${START}).hex())`).trim();
   return Buffer.from(hex, 'hex');
 }
 
-/** in-place writes the server reported for an export's connections that have ended */
-function inPlaceWrites(exportName: string): number {
-  let n = 0;
-  for (const line of srv.logs().split('\n')) {
-    if (!line.includes('"NBD client disconnected"')) continue;
-    const o = JSON.parse(line) as { export?: string; inPlaceWrites?: number };
-    if (o.export === exportName) n += o.inPlaceWrites ?? 0;
-  }
-  return n;
-}
-
-/** the count once the server has logged `connections` disconnects of that export (it logs after the client has gone) */
+/** in-place writes the server reported, once it has logged `connections` ended connections of that export (it logs after the client has gone) */
 async function inPlaceWritesAfter(exportName: string, connections: number): Promise<number> {
-  const ended = () => srv.logs().split('\n').filter((l) => l.includes('"NBD client disconnected"') && l.includes(`"export":"${exportName}"`)).length;
-  for (let i = 0; i < 200 && ended() < connections; i++) await new Promise((r) => setTimeout(r, 25));
-  expect(ended()).toBe(connections);
-  return inPlaceWrites(exportName);
+  const ended = () => endedSessions(srv.logs(), exportName);
+  for (let i = 0; i < 200 && ended().length < connections; i++) await new Promise((r) => setTimeout(r, 25));
+  expect(ended().length).toBe(connections);
+  return ended().reduce((n, c) => n + c.inPlaceWrites, 0);
 }
 
 /** what each volume's region must read as, kept up to date by the tests in order */

@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, nbdsh, run, startServer, tempDir, type RunningServer } from './helpers/server.js';
+import { cli, nbdsh, qemuIo, startServer, tempDir, type RunningServer } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -33,13 +33,6 @@ function expectedRegion(): Buffer {
 }
 
 const dataFile = (mode: string) => path.join(pool, 'volumes', mode, 'data');
-
-function qemuIo(uri: string, ...cmds: string[]): void {
-  const readOnly = uri.includes('@') ? ['-r'] : []; // snapshot exports are read-only
-  const q = run('qemu-io', [...readOnly, '-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
-  expect(q.status, q.stderr + q.stdout).toBe(0);
-  expect(q.stdout).not.toMatch(/Pattern verification failed|error/i);
-}
 
 beforeAll(async () => {
   pool = tempDir('mapped-writes-');

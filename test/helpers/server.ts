@@ -122,6 +122,28 @@ export function nbdsh(uri: string | undefined, script: string): string {
   return r.stdout;
 }
 
+/**
+ * Run qemu-io commands against an NBD URI (read-only for a snapshot export, VOL@SNAP); throws
+ * unless it exits 0 with no pattern mismatch or error in its output.
+ */
+export function qemuIo(uri: string, ...cmds: string[]): void {
+  const readOnly = uri.includes('@') ? ['-r'] : []; // snapshot exports are read-only
+  const q = run('qemu-io', [...readOnly, '-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
+  if (q.status !== 0) throw new Error(`qemu-io exited ${q.status}:\n${q.stderr}${q.stdout}`);
+  if (/Pattern verification failed|error/i.test(q.stdout)) throw new Error(`qemu-io reported a failure:\n${q.stdout}`);
+}
+
+/** What `snapblock serve` logged for each ended connection to an export (session.ts stats), in order. */
+export function endedSessions(logs: string, exportName: string): Array<{ requests: number; mappedReads: number; inPlaceWrites: number }> {
+  const out = [];
+  for (const line of logs.split('\n')) {
+    if (!line.includes('"NBD client disconnected"')) continue;
+    const o = JSON.parse(line) as { export?: string; requests: number; mappedReads: number; inPlaceWrites: number };
+    if (o.export === exportName) out.push(o);
+  }
+  return out;
+}
+
 export const osTmp = os.tmpdir();
 
 /** Follow a child's stdout line by line and report the last number it printed. */
