@@ -3,6 +3,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -132,12 +133,39 @@ Napi::Value ResidentNow(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, std::all_of(vec.begin(), vec.end(), [](unsigned char v) { return (v & 1) != 0; }));
 }
 
+// unmapPages(mapping, at, length): drop this process's page table entries for the pages of
+// the range (MADV_DONTNEED; the page cache keeps the data, dirty or not). A page that
+// writeback cleaned is left mapped read-only, and each of its 4 KiB pages then takes its own
+// write fault, each running ext4's page_mkwrite over the whole folio; a page not mapped at
+// all takes one fault per folio, which maps the whole folio writable.
+Napi::Value UnmapPages(const Napi::CallbackInfo& info) {
+  int64_t at = ArgUint(info, 1, "at");
+  int64_t length = ArgUint(info, 2, "length");
+  uint8_t* start = MappingSpan(info, "unmapPages", at, static_cast<size_t>(length));
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t first = reinterpret_cast<uintptr_t>(start) & ~(page - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(start) + static_cast<uintptr_t>(length) + page - 1) & ~(page - 1);
+  if (end > first && madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED) < 0) {
+    throw ErrnoError(info.Env(), errno, "madvise");
+  }
+  return info.Env().Undefined();
+}
+
+// threadMinorFaults(): minor page faults of the calling thread so far (getrusage RUSAGE_THREAD).
+Napi::Value ThreadMinorFaults(const Napi::CallbackInfo& info) {
+  rusage ru{};
+  if (getrusage(RUSAGE_THREAD, &ru) < 0) throw ErrnoError(info.Env(), errno, "getrusage");
+  return Napi::Number::New(info.Env(), static_cast<double>(ru.ru_minflt));
+}
+
 }  // namespace
 
 void InitMemory(Napi::Env env, Napi::Object exports) {
   exports.Set("mapFile", Napi::Function::New(env, MapFile, "mapFile"));
   exports.Set("copyIntoMapping", Napi::Function::New(env, CopyIntoMapping, "copyIntoMapping"));
   exports.Set("residentNow", Napi::Function::New(env, ResidentNow, "residentNow"));
+  exports.Set("unmapPages", Napi::Function::New(env, UnmapPages, "unmapPages"));
+  exports.Set("threadMinorFaults", Napi::Function::New(env, ThreadMinorFaults, "threadMinorFaults"));
   exports.Set("allocAligned", Napi::Function::New(env, AllocAligned, "allocAligned"));
   exports.Set("alignment", Napi::Function::New(env, Alignment, "alignment"));
 }

@@ -117,6 +117,48 @@ describe('FileMap', () => {
     native.closeFile(fd);
   });
 
+  it('placed stores into pages writeback left read-only take a fault per folio, not per page, and lose nothing', async () => {
+    const SIZE = 8 * 1024 * 1024;
+    const PAGES = SIZE / 4096;
+    const file = path.join(tempDir('filemap-'), 'data');
+    const { fd } = native.openFile(file, { direct: false, readOnly: false, create: true });
+    // Written 64 KiB at a time: folios of up to 64 KiB where the kernel makes large ones (2 MiB
+    // folios would be mapped, and made read-only, by the 2 MiB page table entry instead).
+    for (let at = 0; at < SIZE; at += 65536) fs.writeSync(fd, Buffer.alloc(65536, 9), 0, 65536, at);
+    await native.fdatasync(fd);
+    const map = new FileMap(fd, true);
+    /** place the whole file, store v into it as the kernel's recv would; the faults that took */
+    const store = (v: number): number => {
+      const f0 = native.threadMinorFaults();
+      const placed = map.place([{ at: 0, len: SIZE }])!;
+      for (const piece of placed.pieces) piece.fill(v);
+      const faults = native.threadMinorFaults() - f0;
+      placed.release();
+      return faults;
+    };
+    const first = store(1); // nothing ready yet: unmapped first, then a fault per folio
+    await native.fdatasync(fd); // writeback maps every page read-only again
+    const second = store(2); // the chunks look ready: a fault per page, which place() notices
+    expect(second).toBeGreaterThanOrEqual(PAGES); // the kernel really left them read-only
+    await native.fdatasync(fd);
+    const third = store(3); // readiness was forgotten: unmapped first again
+    if (first < PAGES / 4) expect(third).toBeLessThan(PAGES / 4);
+    else console.warn(`FileMap: ${first} faults for ${PAGES} pages: no large folios here, so unmapping first saves nothing`);
+    // Unmapping dirty pages keeps their bytes: unmap half the file again (a shrink's
+    // exclusive() forgets readiness) and check the disk itself, with O_DIRECT.
+    await map.exclusive(() => undefined);
+    map.place([{ at: 0, len: SIZE / 2 }])!.release();
+    await native.fdatasync(fd);
+    const direct = native.openFile(file, { direct: true, readOnly: true });
+    expect(direct.direct).toBe(true);
+    const back = native.allocAligned(SIZE);
+    expect(await native.pread(direct.fd, back, 0)).toBe(SIZE);
+    expect(back.every((b) => b === 3)).toBe(true);
+    native.closeFile(direct.fd);
+    map.close();
+    native.closeFile(fd);
+  });
+
   it('writes through the mapping only to cached pages below the end, and not during a shrink', async () => {
     const file = path.join(tempDir('filemap-'), 'data');
     fs.writeFileSync(file, Buffer.alloc(8 * 4096, 1));

@@ -41,6 +41,8 @@ interface Addon {
   extentsNow(fd: number, offset: number, length: number): Float64Array;
   allocAligned(size: number, alignment: number): Buffer;
   alignment(fd: number): number;
+  unmapPages(mapping: Buffer, at: number, length: number): void;
+  threadMinorFaults(): number;
   sendBuffers(fd: number, bufs: Buffer[], timeoutMs: number): Promise<number>;
   mapFile(fd: number, offset: number, length: number, writable: boolean): Buffer;
   copyIntoMapping(mapping: Buffer, at: number, src: Buffer): number;
@@ -116,4 +118,12 @@ export const mapFile = (fd: number, offset: number, length: number, writable = f
  */
 export const copyIntoMapping = (mapping: Buffer, at: number, src: Buffer): number => addon.copyIntoMapping(mapping, at, src);
 /** Whether every page of mapping[at, at+length) is in the page cache (mincore). */
+/**
+ * Drop our page table entries for [at, at+length) of a mapping (widened to whole pages); the
+ * page cache keeps the data. The next store maps a whole folio writable in one fault, where a
+ * page left read-only by writeback takes a fault per 4 KiB page (see file-map.ts).
+ */
+export const unmapPages = (mapping: Buffer, at: number, length: number): void => addon.unmapPages(mapping, at, length);
+/** minor page faults taken by the calling thread so far */
+export const threadMinorFaults = (): number => addon.threadMinorFaults();
 export const residentNow = (mapping: Buffer, at: number, length: number): boolean => addon.residentNow(mapping, at, length);
