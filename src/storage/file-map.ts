@@ -39,8 +39,8 @@ export class FileMap {
   private epoch = 0;
   private waiters: Array<{ upTo: number; done: () => void }> = [];
   private blocked = false;
-  /** chunks whose pages we unmapped, then stored into: writable until something cleans them */
-  private readonly ready = new Set<number>();
+  /** per segment, one byte per chunk: 1 once we unmapped its pages and stored into them (writable until something cleans them) */
+  private ready: Array<Uint8Array | undefined> = [];
 
   /** @param writable the fd is open for writing and write() may store through the mapping */
   constructor(
@@ -121,7 +121,7 @@ export class FileMap {
         // read-only again (fdatasync, writeback, a shrink): about one fault per page.
         const pages = runs.reduce((n, r) => n + Math.ceil(r.len / PAGE), 0);
         const faults = native.threadMinorFaults() - faults0;
-        if (!unmapped && faults >= Math.max(8, pages / 2)) this.ready.clear();
+        if (!unmapped && faults >= Math.max(8, pages / 2)) this.ready = [];
         v.release();
       },
     };
@@ -138,18 +138,22 @@ export class FileMap {
    */
   private unmapUnready(at: number, length: number): boolean {
     let any = false;
-    for (let c = Math.ceil(at / CHUNK), end = Math.floor((at + length) / CHUNK); c < end; ) {
-      if (this.ready.has(c)) {
-        c++;
-        continue;
+    // Chunk numbers within each segment's mapping: whole chunks only, and never across a seam.
+    for (const [map, off, n] of this.spans(at, length)) {
+      const ready = (this.ready[Math.floor(at / SEGMENT)] ??= new Uint8Array(CHUNKS_PER_SEGMENT));
+      for (let c = Math.ceil(off / CHUNK), end = Math.floor((off + n) / CHUNK); c < end; ) {
+        if (ready[c]) {
+          c++;
+          continue;
+        }
+        let last = c;
+        while (last + 1 < end && !ready[last + 1]) last++;
+        native.unmapPages(map, c * CHUNK, (last - c + 1) * CHUNK);
+        ready.fill(1, c, last + 1);
+        any = true;
+        c = last + 1;
       }
-      let last = c;
-      while (last + 1 < end && !this.ready.has(last + 1) && Math.floor((last + 1) / CHUNKS_PER_SEGMENT) === Math.floor(c / CHUNKS_PER_SEGMENT)) last++;
-      const seg = Math.floor(c / CHUNKS_PER_SEGMENT);
-      native.unmapPages(this.segment(seg), (c % CHUNKS_PER_SEGMENT) * CHUNK, (last - c + 1) * CHUNK);
-      for (let k = c; k <= last; k++) this.ready.add(k);
-      any = true;
-      c = last + 1;
+      at += n;
     }
     return any;
   }
@@ -235,7 +239,7 @@ export class FileMap {
     this.blocked = true;
     try {
       await this.released(); // no view is given out meanwhile: then none is pinned
-      this.ready.clear(); // a shrink unmaps the pages it drops
+      this.ready = []; // a shrink unmaps the pages it drops
       return await fn();
     } finally {
       this.blocked = was;
