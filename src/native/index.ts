@@ -117,7 +117,6 @@ export const mapFile = (fd: number, offset: number, length: number, writable = f
  * copied, short after such a failure, or -errno when none were.
  */
 export const copyIntoMapping = (mapping: Buffer, at: number, src: Buffer): number => addon.copyIntoMapping(mapping, at, src);
-/** Whether every page of mapping[at, at+length) is in the page cache (mincore). */
 /**
  * Drop our page table entries for [at, at+length) of a mapping (widened to whole pages); the
  * page cache keeps the data. The next store maps a whole folio writable in one fault, where a
@@ -126,4 +125,5 @@ export const copyIntoMapping = (mapping: Buffer, at: number, src: Buffer): numbe
 export const unmapPages = (mapping: Buffer, at: number, length: number): void => addon.unmapPages(mapping, at, length);
 /** minor page faults taken by the calling thread so far */
 export const threadMinorFaults = (): number => addon.threadMinorFaults();
+/** Whether every page of mapping[at, at+length) is in the page cache (mincore). */
 export const residentNow = (mapping: Buffer, at: number, length: number): boolean => addon.residentNow(mapping, at, length);
