@@ -41,7 +41,7 @@ it('delivers scratch bytes, then fills a target set outside a read callback, the
   const target = Buffer.alloc(300_000);
   const data = crypto.randomBytes(target.length - 10);
   let done = false;
-  direct.receiveInto([target], 10, () => (done = true));
+  direct.receiveInto([target], 10, 65536, () => (done = true));
   target.fill(7, 0, 10);
   client.write(Buffer.concat([data, Buffer.from('tail')]));
   await until(() => done && Buffer.concat(seen).toString().endsWith('tail'));
@@ -60,7 +60,7 @@ it('fills several target pieces in order, the bytes already there counted across
   const total = pieces.reduce((n, p) => n + p.length, 0);
   const data = crypto.randomBytes(total - 1500);
   let done = false;
-  direct.receiveInto(pieces, 1500, () => (done = true));
+  direct.receiveInto(pieces, 1500, 65536, () => (done = true));
   // In small writes, so that reads end at arbitrary points inside pieces.
   const stream = Buffer.concat([data, Buffer.from('tail')]);
   for (let at = 0; at < stream.length; at += 7777) client.write(stream.subarray(at, at + 7777));
@@ -68,6 +68,31 @@ it('fills several target pieces in order, the bytes already there counted across
   const got = Buffer.concat(pieces);
   expect(got.subarray(0, 1500).equals(Buffer.alloc(1500, 7))).toBe(true);
   expect(got.subarray(1500).equals(data)).toBe(true);
+});
+
+it('after a target, reads only the next header, so the payload behind it lands whole in the next target', async () => {
+  const { server, client } = await pair();
+  const seen: Buffer[] = [];
+  const second = Buffer.alloc(200_000);
+  let secondDone = false;
+  const direct: DirectSocket = DirectSocket.adopt(server, new ByteQueue(), {
+    onBytes: (v) => {
+      seen.push(Buffer.from(v));
+      // As the session does: a 28-byte header announces the next payload.
+      if (seen.length === 1) direct.receiveInto([second], 0, 28, () => (secondDone = true));
+    },
+  })!;
+  cleanup.push(() => direct.socket.destroy());
+  const first = Buffer.alloc(100_000);
+  let firstDone = false;
+  direct.receiveInto([first], 0, 28, () => (firstDone = true));
+  const [a, header, b] = [crypto.randomBytes(first.length), crypto.randomBytes(28), crypto.randomBytes(second.length)];
+  client.write(Buffer.concat([a, header, b])); // all queued at once: a read could take far more than the header
+  await until(() => firstDone && secondDone);
+  expect(first.equals(a)).toBe(true);
+  expect(seen.map((v) => v.length)).toEqual([28]); // nothing of the second payload went through scratch
+  expect(seen[0].equals(header)).toBe(true);
+  expect(second.equals(b)).toBe(true);
 });
 
 it('hands over bytes Node had buffered before the adoption', async () => {

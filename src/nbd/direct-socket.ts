@@ -24,7 +24,9 @@ export class DirectSocket {
   readonly pool: PoolFd;
   private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH);
   /** where the next reads go: pieces[index] from byte filled on, then the following pieces */
-  private target?: { pieces: Buffer[]; index: number; filled: number; done: () => void };
+  private target?: { pieces: Buffer[]; index: number; filled: number; thenAtMost: number; done: () => void };
+  /** how much the next read into scratch may take (see receiveInto's `thenAtMost`) */
+  private scratchRead = SCRATCH;
   /** when bytes last landed in a target (performance.now()), to tell a stalled sender from a slow one */
   private lastTargetAt = 0;
 
@@ -40,9 +42,9 @@ export class DirectSocket {
       writable: true,
       onread: {
         // Asked for again after every read: the next read goes where this points.
-        buffer: () => (this.target ? this.target.pieces[this.target.index].subarray(this.target.filled) : this.scratch),
+        buffer: () => (this.target ? this.target.pieces[this.target.index].subarray(this.target.filled) : this.scratch.subarray(0, this.scratchRead)),
         callback: (n: number, buf: Uint8Array) => {
-          this.received(n, buf === this.scratch);
+          this.received(n, buf.buffer === this.scratch.buffer && buf.byteOffset === this.scratch.byteOffset);
           return true; // keep reading; back-pressure pauses the socket itself
         },
       },
@@ -53,6 +55,7 @@ export class DirectSocket {
 
   private received(n: number, inScratch: boolean): void {
     let rest = inScratch ? this.scratch.subarray(0, n) : undefined;
+    if (inScratch) this.scratchRead = SCRATCH;
     const t = this.target;
     if (t) {
       if (rest) {
@@ -68,6 +71,7 @@ export class DirectSocket {
       this.lastTargetAt = performance.now();
       if (t.index === t.pieces.length) {
         this.target = undefined;
+        this.scratchRead = t.thenAtMost;
         t.done();
       }
     }
@@ -106,10 +110,12 @@ export class DirectSocket {
 
   /**
    * Receive the next bytes of the stream straight into pieces, in order, after the first
-   * `filled` bytes of them (which arrived earlier); done() once all are full.
+   * `filled` bytes of them (which arrived earlier); done() once all are full. The read after
+   * that takes at most `thenAtMost` bytes (the next request's header): a large payload after
+   * it then lands whole in its own target, not partly in scratch to be copied over.
    */
-  receiveInto(pieces: Buffer[], filled: number, done: () => void): void {
-    const t = { pieces, index: 0, filled: 0, done };
+  receiveInto(pieces: Buffer[], filled: number, thenAtMost: number, done: () => void): void {
+    const t = { pieces, index: 0, filled: 0, thenAtMost, done };
     this.advance(t, filled);
     if (t.index === pieces.length) return done();
     this.target = t;

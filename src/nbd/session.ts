@@ -251,7 +251,7 @@ export class Session {
     }
     this.receiving = true;
     this.placing = place;
-    this.direct!.receiveInto(pieces, have, () => {
+    this.direct!.receiveInto(pieces, have, HEADER, () => {
       this.receiving = false;
       this.pending = undefined;
       this.placing = undefined;
