@@ -41,6 +41,8 @@ export class FileMap {
   private blocked = false;
   /** per segment, one byte per chunk: 1 once we unmapped its pages and stored into them (writable until something cleans them) */
   private ready: Array<Uint8Array | undefined> = [];
+  /** false once unmapping failed: then placed stores take whatever faults they meet */
+  private unmapping = true;
 
   /** @param writable the fd is open for writing and write() may store through the mapping */
   constructor(
@@ -112,7 +114,11 @@ export class FileMap {
     const v = this.view(runs, size);
     if (!v) return undefined;
     let unmapped = false;
-    for (const r of runs) unmapped = this.unmapUnready(r.at, r.len) || unmapped;
+    try {
+      for (const r of runs) unmapped = this.unmapUnready(r.at, r.len) || unmapped;
+    } catch {
+      this.unmapping = false; // madvise refused (a seccomp filter): stores then fault as they may
+    }
     const faults0 = native.threadMinorFaults();
     return {
       pieces: v.pieces as Buffer[],
@@ -137,6 +143,7 @@ export class FileMap {
    * later, in a chunk marked ready. Returns whether anything was unmapped.
    */
   private unmapUnready(at: number, length: number): boolean {
+    if (!this.unmapping) return false;
     let any = false;
     // Chunk numbers within each segment's mapping: whole chunks only, and never across a seam.
     for (const [map, off, n] of this.spans(at, length)) {
