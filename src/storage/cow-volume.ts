@@ -347,11 +347,8 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
 
   /** In place only where no snapshot shares a block of the range: nothing to copy out first. */
   protected override placeLive(offset: number, length: number): PlacedRange | undefined {
-    const bs = this.meta.blockSize;
-    const last = Math.floor((offset + length - 1) / bs);
-    if (this.snaps.some((s) => s.status === 'valid')) {
-      for (let l = Math.floor(offset / bs); l <= last; l++) if (this.locks.has(l) || this.sharers(l).length) return undefined;
-    }
+    const shared = (l: number) => this.locks.has(l) || this.sharers(l).length > 0;
+    if (this.snaps.some((s) => s.status === 'valid') && !this.everyBlock(offset, length, (l) => !shared(l))) return undefined;
     const range = this.map.place([{ at: offset, len: length }]);
     if (range) this.dataDirty = true;
     return range;

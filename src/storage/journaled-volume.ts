@@ -61,6 +61,13 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     return this.meta.blockSize;
   }
 
+  /** Whether ok(l) holds for every logical block l that [offset, offset+length) touches. */
+  protected everyBlock(offset: number, length: number, ok: (l: number) => boolean): boolean {
+    const bs = this.meta.blockSize;
+    for (let l = Math.floor(offset / bs), last = Math.floor((offset + length - 1) / bs); l <= last; l++) if (!ok(l)) return false;
+    return true;
+  }
+
   protected snapById(id: number): S {
     const s = this.snaps.find((x) => x.id === id);
     if (!s) throw new Error(`journal names unknown snapshot id ${id}`);

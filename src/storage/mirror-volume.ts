@@ -451,11 +451,7 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   protected override placeLive(offset: number, length: number): PlacedRange | undefined {
     if (this.meta.mirror.state !== 'none') return undefined;
     const newest = this.snaps[this.snaps.length - 1];
-    if (newest) {
-      const bs = this.meta.blockSize;
-      const last = Math.floor((offset + length - 1) / bs);
-      for (let l = Math.floor(offset / bs); l <= last; l++) if (!newest.written.has(l) || this.pendingIntent.has(l)) return undefined;
-    }
+    if (newest && !this.everyBlock(offset, length, (l) => newest.written.has(l) && !this.pendingIntent.has(l))) return undefined;
     return this.map.place([{ at: offset, len: length }]);
   }
 

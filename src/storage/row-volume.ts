@@ -266,11 +266,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
    */
   protected override placeLive(offset: number, length: number): PlacedRange | undefined {
     const newest = this.newest();
-    if (newest !== undefined) {
-      const bs = this.meta.blockSize;
-      const last = Math.floor((offset + length - 1) / bs);
-      for (let l = Math.floor(offset / bs); l <= last; l++) if (this.table.birth(l) <= newest.gen) return undefined;
-    }
+    if (newest !== undefined && !this.everyBlock(offset, length, (l) => this.table.birth(l) > newest.gen)) return undefined;
     const pieces = this.livePieces(offset, length);
     // a hole (unallocated or punched block) would need a block allocated first
     if (!pieces || pieces.some((p) => typeof p === 'number')) return undefined;
