@@ -3,6 +3,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { procDirtyState } from '../../src/storage/inline-write.js';
 
 export const ROOT = path.resolve(import.meta.dirname, '..', '..');
 export const CLI = path.join(ROOT, 'bin', 'snapblock.js');
@@ -142,6 +143,23 @@ export function endedSessions(logs: string, exportName: string): Array<{ request
     if (o.export === exportName) out.push(o);
   }
   return out;
+}
+
+/**
+ * Wait until the host's dirty page cache is well under the budget below which the server
+ * receives payloads in place (inline-write.ts dirtyRoom), writing back what other processes
+ * dirtied: tests that count in-place writes must not depend on what else the machine did.
+ */
+export async function roomForDirtyPages(timeoutMs = 60_000): Promise<void> {
+  const sample = procDirtyState();
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { dirty, budget } = sample();
+    if (dirty < budget / 2) return;
+    if (Date.now() > deadline) throw new Error(`the dirty page cache stays at ${dirty} bytes, over half the in-place budget of ${budget}`);
+    spawnSync('sync');
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 export const osTmp = os.tmpdir();
