@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as native from '../src/native/index.js';
 import { FileMap } from '../src/storage/file-map.js';
-import { tempDir } from './helpers/server.js';
+import { roomForDirtyPages, tempDir } from './helpers/server.js';
 
 function bytesOf(r: { pieces: Array<Buffer | number> }): Buffer {
   return Buffer.concat(r.pieces.map((p) => (typeof p === 'number' ? Buffer.alloc(p) : p)));
@@ -155,6 +155,51 @@ describe('FileMap', () => {
     expect(await native.pread(direct.fd, back, 0)).toBe(SIZE);
     expect(back.every((b) => b === 3)).toBe(true);
     native.closeFile(direct.fd);
+    map.close();
+    native.closeFile(fd);
+  });
+
+  it('a placed receive overlapping one into freshly unmapped chunks does not blame their faults on its own pages', async () => {
+    await roomForDirtyPages(); // background writeback would clean A's pages mid-test
+    const KiB = 1024;
+    const file = path.join(tempDir('filemap-'), 'data');
+    const { fd } = native.openFile(file, { direct: false, readOnly: false, create: true });
+    for (let at = 0; at < 8192 * KiB; at += 64 * KiB) fs.writeSync(fd, Buffer.alloc(64 * KiB, 9), 0, 64 * KiB, at);
+    const map = new FileMap(fd, true);
+    const A = { at: 0, len: 64 * KiB }; // 16 pages: 8 faults would mean "cleaned behind our back"
+    const fill = (pieces: Buffer[], v: number): number => {
+      const f0 = native.threadMinorFaults();
+      for (const piece of pieces) piece.fill(v);
+      return native.threadMinorFaults() - f0;
+    };
+    map.place([A])!.release(); // A is unmapped once and marked ready
+    const once = map.place([A])!;
+    fill(once.pieces, 1); // A's pages are now mapped writable
+    once.release();
+    /** A placed again: the faults its stores take (none while it stays marked ready) */
+    const storeA = (): number => {
+      const p = map.place([A])!;
+      const faults = fill(p.pieces, 2);
+      p.release();
+      return faults;
+    };
+    expect(storeA()).toBe(0);
+    // A placed first, then a fresh 4 MiB range that unmaps and faults while A is pinned.
+    const a = map.place([A])!;
+    const b = map.place([{ at: 2048 * KiB, len: 4096 * KiB }])!;
+    expect(fill(b.pieces, 3)).toBeGreaterThanOrEqual(8);
+    fill(a.pieces, 3);
+    b.release();
+    a.release();
+    expect(storeA()).toBe(0);
+    // A fresh range pinned first, then A.
+    const c = map.place([{ at: 6144 * KiB, len: 2048 * KiB }])!;
+    const a2 = map.place([A])!;
+    expect(fill(c.pieces, 4)).toBeGreaterThanOrEqual(8);
+    fill(a2.pieces, 4);
+    a2.release();
+    c.release();
+    expect(storeA()).toBe(0);
     map.close();
     native.closeFile(fd);
   });

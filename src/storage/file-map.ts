@@ -32,6 +32,13 @@ const PAGE = 4096;
 const CHUNK = 64 * 1024;
 const CHUNKS_PER_SEGMENT = SEGMENT / CHUNK;
 
+/**
+ * Placed receives whose chunks were just unmapped, on this thread, across all maps: their
+ * stores fault by design, and faults are counted per thread, so a receive into ready chunks
+ * that overlaps one of them cannot tell its own faults apart and judges nothing.
+ */
+const fresh = { pinned: 0, started: 0 };
+
 export class FileMap {
   private segments: Array<Buffer | undefined> = [];
   /** pinned views by the epoch they were taken in; an epoch ends at each released() call */
@@ -119,15 +126,30 @@ export class FileMap {
     } catch {
       this.unmapping = false; // madvise refused (a seccomp filter): stores then fault as they may
     }
+    if (unmapped) {
+      fresh.pinned++;
+      fresh.started++;
+      let released = false;
+      const release = (): void => {
+        if (released) return;
+        released = true;
+        fresh.pinned--;
+        v.release();
+      };
+      return { pieces: v.pieces as Buffer[], release };
+    }
+    const alone = fresh.pinned === 0;
+    const started = fresh.started;
     const faults0 = native.threadMinorFaults();
     return {
       pieces: v.pieces as Buffer[],
       release: () => {
         // A receive into ready chunks faults only where something made their pages
         // read-only again (fdatasync, writeback, a shrink): about one fault per page.
-        const pages = runs.reduce((n, r) => n + Math.ceil(r.len / PAGE), 0);
-        const faults = native.threadMinorFaults() - faults0;
-        if (!unmapped && faults >= Math.max(8, pages / 2)) this.ready = [];
+        if (alone && fresh.started === started) {
+          const pages = runs.reduce((n, r) => n + Math.ceil(r.len / PAGE), 0);
+          if (native.threadMinorFaults() - faults0 >= Math.max(8, pages / 2)) this.ready = [];
+        }
         v.release();
       },
     };
