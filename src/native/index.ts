@@ -39,6 +39,7 @@ interface Addon {
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
   extents(fd: number, offset: number, length: number): Promise<Float64Array>;
   extentsNow(fd: number, offset: number, length: number): Float64Array;
+  dataEnd(fd: number, offset: number): number;
   allocAligned(size: number, alignment: number): Buffer;
   alignment(fd: number): number;
   unmapPages(mapping: Buffer, at: number, length: number): void;
@@ -94,6 +95,8 @@ function unflatten(flat: Float64Array): Extent[] {
 export function extentsNow(fd: number, offset: number, length: number): Extent[] {
   return unflatten(addon.extentsNow(fd, offset, length));
 }
+/** Where the run of data from offset ends (SEEK_HOLE): offset itself in a hole or past the end. */
+export const dataEnd = (fd: number, offset: number): number => addon.dataEnd(fd, offset);
 /** A Buffer whose memory is aligned for O_DIRECT (default 4096). */
 export const allocAligned = (size: number, alignment = 4096): Buffer => addon.allocAligned(size, alignment);
 /** The alignment O_DIRECT needs on this fd (logical block size of the device, at least 512). */

@@ -13,7 +13,8 @@
 // placed receive, whole 64 KiB chunks not known to be writable are therefore unmapped, so the
 // stores fault once per folio instead; a receive that still faults about once per page shows
 // that something cleaned the file behind our back, and every chunk is unmapped again on its
-// next placed receive (unmapUnready, place).
+// next placed receive (unmapUnready, place). Faults are counted per thread, so a receive that
+// overlapped one into freshly unmapped chunks (faulting by design) judges nothing.
 //
 // The hazard of a mapping is SIGBUS: touching a mapped byte past the file's end kills the
 // process. So a view is given only below the file's size as fstat reports it then; the file
@@ -115,8 +116,7 @@ export class FileMap {
     const size = fs.fstatSync(this.fd).size; // once: a ROW range can be many runs
     for (const r of runs) {
       if (!this.storable(r.at, r.len, size)) return undefined;
-      const e = native.extentsNow(this.fd, r.at, r.len);
-      if (e.length !== 1 || !e[0].data || e[0].offset > r.at || e[0].offset + e[0].length < r.at + r.len) return undefined;
+      if (native.dataEnd(this.fd, r.at) < r.at + r.len) return undefined;
     }
     const v = this.view(runs, size);
     if (!v) return undefined;
