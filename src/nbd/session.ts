@@ -345,6 +345,7 @@ export class Session {
           this.stats.inPlaceWrites++;
           await (payload as InPlaceWrite).finish(true, { fua });
         }
+        if (req.length >= DIRECT_PAYLOAD_MIN && !this.closed) return this.out.sendSoon([simpleHeader(req, 0)]);
         return this.replySimple(req, 0);
       case Cmd.FLUSH:
         await L.flush();
