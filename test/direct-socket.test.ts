@@ -2,23 +2,17 @@
 // pieces, including when the target is set after the next read was already aimed at scratch.
 import { afterEach, expect, it } from 'vitest';
 import crypto from 'node:crypto';
-import net from 'node:net';
+import type net from 'node:net';
 import { ByteQueue } from '../src/nbd/byte-queue.js';
 import { DirectSocket } from '../src/nbd/direct-socket.js';
+import { tcpPair } from './helpers/tcp.js';
 
 const cleanup: Array<() => void> = [];
 afterEach(() => cleanup.splice(0).forEach((f) => f()));
 
 async function pair(): Promise<{ server: net.Socket; client: net.Socket }> {
-  const listener = net.createServer();
-  await new Promise<void>((r) => listener.listen(0, '127.0.0.1', r));
-  const accepted = new Promise<net.Socket>((r) => listener.once('connection', r));
-  const client = net.connect((listener.address() as net.AddressInfo).port, '127.0.0.1');
-  const server = await accepted;
-  cleanup.push(() => {
-    client.destroy();
-    listener.close();
-  });
+  const { server, client, close } = await tcpPair();
+  cleanup.push(close);
   return { server, client };
 }
 

@@ -1,23 +1,16 @@
 // ReplyWriter over a real TCP connection: replies sent "soon" (to large writes) wait until the
 // event loop's check phase and leave together with the others of that turn, in order.
 import { afterEach, expect, it } from 'vitest';
-import net from 'node:net';
+import type net from 'node:net';
 import { ReplyWriter } from '../src/nbd/reply-writer.js';
+import { tcpPair } from './helpers/tcp.js';
 
 const cleanup: Array<() => void> = [];
 afterEach(() => cleanup.splice(0).forEach((f) => f()));
 
 async function pair(): Promise<{ server: net.Socket; client: net.Socket }> {
-  const listener = net.createServer();
-  await new Promise<void>((r) => listener.listen(0, '127.0.0.1', r));
-  const accepted = new Promise<net.Socket>((r) => listener.once('connection', r));
-  const client = net.connect((listener.address() as net.AddressInfo).port, '127.0.0.1');
-  const server = await accepted;
-  cleanup.push(() => {
-    client.destroy();
-    server.destroy();
-    listener.close();
-  });
+  const { server, client, close } = await tcpPair();
+  cleanup.push(close);
   return { server, client };
 }
 
