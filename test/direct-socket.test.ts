@@ -2,19 +2,14 @@
 // pieces, including when the target is set after the next read was already aimed at scratch.
 import { afterEach, expect, it } from 'vitest';
 import crypto from 'node:crypto';
-import type net from 'node:net';
 import { ByteQueue } from '../src/nbd/byte-queue.js';
 import { DirectSocket } from '../src/nbd/direct-socket.js';
-import { tcpPair } from './helpers/tcp.js';
+import { tcpPairs } from './helpers/tcp.js';
 
 const cleanup: Array<() => void> = [];
 afterEach(() => cleanup.splice(0).forEach((f) => f()));
 
-async function pair(): Promise<{ server: net.Socket; client: net.Socket }> {
-  const { server, client, close } = await tcpPair();
-  cleanup.push(close);
-  return { server, client };
-}
+const pair = tcpPairs();
 
 const until = async (cond: () => boolean) => {
   for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));

@@ -1,18 +1,10 @@
 // ReplyWriter over a real TCP connection: replies sent "soon" (to large writes) wait until the
 // event loop's check phase and leave together with the others of that turn, in order.
-import { afterEach, expect, it } from 'vitest';
-import type net from 'node:net';
+import { expect, it } from 'vitest';
 import { ReplyWriter } from '../src/nbd/reply-writer.js';
-import { tcpPair } from './helpers/tcp.js';
+import { tcpPairs } from './helpers/tcp.js';
 
-const cleanup: Array<() => void> = [];
-afterEach(() => cleanup.splice(0).forEach((f) => f()));
-
-async function pair(): Promise<{ server: net.Socket; client: net.Socket }> {
-  const { server, client, close } = await tcpPair();
-  cleanup.push(close);
-  return { server, client };
-}
+const pair = tcpPairs();
 
 const reply = (n: number) => Buffer.alloc(16, n);
 

@@ -1,5 +1,6 @@
 // A connected pair of real TCP sockets on 127.0.0.1, for tests of one side's socket handling.
 import net from 'node:net';
+import { afterEach } from 'vitest';
 
 export async function tcpPair(): Promise<{ server: net.Socket; client: net.Socket; close: () => void }> {
   const listener = net.createServer();
@@ -13,4 +14,15 @@ export async function tcpPair(): Promise<{ server: net.Socket; client: net.Socke
     listener.close();
   };
   return { server, client, close };
+}
+
+/** tcpPair for a test file: every pair it opens is closed after each test. */
+export function tcpPairs(): () => Promise<{ server: net.Socket; client: net.Socket }> {
+  const open: Array<() => void> = [];
+  afterEach(() => open.splice(0).forEach((close) => close()));
+  return async () => {
+    const { server, client, close } = await tcpPair();
+    open.push(close);
+    return { server, client };
+  };
 }
