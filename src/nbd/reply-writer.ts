@@ -74,11 +74,7 @@ export class ReplyWriter {
    * others completed in it (the reply to a large write: its payload took far longer to arrive).
    */
   sendSoon(bufs: Buffer[]): void {
-    if (!this.corked && !this.closed && !this.poolBusy && !this.waitingDrain && !this.held.length) {
-      this.corked = true;
-      this.socket.cork();
-      setImmediate(() => this.flushCork());
-    }
+    if (!this.closed && !this.poolBusy && !this.waitingDrain && !this.held.length) this.corkUntil(setImmediate);
     this.send(bufs);
   }
 
@@ -128,15 +124,19 @@ export class ReplyWriter {
   }
 
   private streamWrite(bufs: Buffer[], after?: () => void): void {
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(() => this.flushCork());
-    }
+    this.corkUntil(process.nextTick);
     for (let i = 0; i < bufs.length; i++) {
       if (i === bufs.length - 1 && after) this.socket.write(bufs[i], () => after());
       else this.socket.write(bufs[i]);
     }
+  }
+
+  /** Cork the stream, unless it is already, until `later` runs the flush. */
+  private corkUntil(later: (flush: () => void) => void): void {
+    if (this.corked) return;
+    this.corked = true;
+    this.socket.cork();
+    later(() => this.flushCork());
   }
 
   private flushCork(): void {

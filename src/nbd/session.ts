@@ -345,8 +345,7 @@ export class Session {
           this.stats.inPlaceWrites++;
           await (payload as InPlaceWrite).finish(true, { fua });
         }
-        if (req.length >= DIRECT_PAYLOAD_MIN && !this.closed) return this.out.sendSoon([simpleHeader(req, 0)]);
-        return this.replySimple(req, 0);
+        return this.replySimple(req, 0, req.length >= DIRECT_PAYLOAD_MIN);
       case Cmd.FLUSH:
         await L.flush();
         return this.replySimple(req, 0);
@@ -499,8 +498,10 @@ export class Session {
 
   // ---- reply encoding ----
 
-  private replySimple(req: Request, error: number): void {
-    this.send(simpleHeader(req, error));
+  /** soon: the reply to a large write, which may leave with the others of this loop turn (ReplyWriter.sendSoon) */
+  private replySimple(req: Request, error: number, soon = false): void {
+    if (!soon) this.send(simpleHeader(req, error));
+    else if (!this.closed) this.out.sendSoon([simpleHeader(req, error)]);
   }
 
   private sendHole(req: Request, offset: number, length: number, flags: number): void {

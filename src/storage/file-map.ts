@@ -129,24 +129,21 @@ export class FileMap {
     if (unmapped) {
       fresh.pinned++;
       fresh.started++;
-      let released = false;
-      const release = (): void => {
-        if (released) return;
-        released = true;
-        fresh.pinned--;
-        v.release();
-      };
-      return { pieces: v.pieces as Buffer[], release };
     }
-    const alone = fresh.pinned === 0;
+    // Only a receive into ready chunks, with none into fresh ones beside it, judges its faults.
+    const judged = !unmapped && fresh.pinned === 0;
     const started = fresh.started;
-    const faults0 = native.threadMinorFaults();
+    const faults0 = judged ? native.threadMinorFaults() : 0;
+    let released = false;
     return {
       pieces: v.pieces as Buffer[],
       release: () => {
-        // A receive into ready chunks faults only where something made their pages
-        // read-only again (fdatasync, writeback, a shrink): about one fault per page.
-        if (alone && fresh.started === started) {
+        if (released) return;
+        released = true;
+        if (unmapped) fresh.pinned--;
+        else if (judged && fresh.started === started) {
+          // A receive into ready chunks faults only where something made their pages
+          // read-only again (fdatasync, writeback, a shrink): about one fault per page.
           const pages = runs.reduce((n, r) => n + Math.ceil(r.len / PAGE), 0);
           if (native.threadMinorFaults() - faults0 >= Math.max(8, pages / 2)) this.ready = [];
         }
