@@ -61,7 +61,7 @@ export class ReplyWriter {
     for (const b of bufs) bytes += b.length;
     const reply: Reply = { bufs, bytes, after };
     if (this.closed) return after?.();
-    if (this.poolBusy || this.waitingDrain || this.held.length) {
+    if (this.mustWait) {
       this.held.push(reply);
       this.heldBytes += bytes;
       return;
@@ -74,7 +74,7 @@ export class ReplyWriter {
    * others completed in it (the reply to a large write: its payload took far longer to arrive).
    */
   sendSoon(bufs: Buffer[]): void {
-    if (!this.closed && !this.poolBusy && !this.waitingDrain && !this.held.length) this.corkUntil(setImmediate);
+    if (!this.closed && !this.mustWait) this.corkUntil(setImmediate);
     this.send(bufs);
   }
 
@@ -95,8 +95,13 @@ export class ReplyWriter {
     check();
   }
 
+  /** a new reply must queue behind a pool send, a wait for Node's queue to drain, or held replies */
+  private get mustWait(): boolean {
+    return this.poolBusy || this.waitingDrain || this.held.length > 0;
+  }
+
   private isIdle(): boolean {
-    return this.closed || (!this.poolBusy && !this.waitingDrain && this.held.length === 0);
+    return this.closed || !this.mustWait;
   }
 
   private settle(): void {
