@@ -107,7 +107,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
 
   static async open(dir: string, opts: CowOptions): Promise<CowVolume> {
     const ck = readVolumeCheckpoint<Meta>(dir, 'snapblock-cow', 'copy-on-write', FORMAT_VERSION);
-    const { journal, records, fd } = openJournalAndData(dir, ck.meta.epoch);
+    const { journal, records, discarded, fd } = openJournalAndData(dir, ck.meta.epoch);
     const v = new CowVolume(dir, ck.meta, journal, fd, opts);
     v.snaps = ck.meta.snapshots.map((s) => newSnap(s));
     const t = ck.arrays.table;
@@ -116,7 +116,8 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
     // A resize whose record did not become durable is undone.
     if (fs.fstatSync(fd).size !== v.meta.size) fs.ftruncateSync(fd, v.meta.size);
     await v.openReserves();
-    if (records.length) await v.quiesce(() => v.checkpoint());
+    v.dataDirty = records.length > 0; // replayed volatile records may describe data only in the page cache
+    if (records.length || discarded) await v.quiesce(() => v.checkpoint());
     v.prepareSpare();
     return v;
   }
@@ -306,7 +307,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
 
   /** One durability step: reserve copies synced, then their records committed, then invalid reserves released. */
   private async commitNow(): Promise<void> {
-    const batch = this.journal.take();
+    const mark = this.journal.seal();
     const release = this.toRelease;
     this.toRelease = [];
     const syncs: Promise<void>[] = [];
@@ -317,7 +318,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
       }
     }
     await Promise.all(syncs);
-    await this.journal.commit(batch);
+    await this.journal.commit(mark);
     for (const s of release) this.releaseReserve(s);
   }
 

@@ -1,25 +1,39 @@
 // Metadata journal: an append-only file of checksummed batches of records.
-// Rules (docs/FORMAT.md): a batch is written only after the data it describes is
-// durable; a batch is valid only if its checksum matches and its epoch equals the
-// checkpoint's (a stale journal left by a crash after a checkpoint is ignored); a
-// torn tail batch is discarded on open.
+// Rules (docs/FORMAT.md): records reach the file as soon as the operation that appended them
+// completes, in a *volatile* batch (a pwrite into the page cache, no sync, tagged with the
+// kernel's boot id), so a killed process loses nothing it acknowledged. A *commit* batch,
+// written with RWF_DSYNC after the data it describes is durable, makes every batch before a
+// mark durable and valid after a power loss too. On open, volatile batches no commit covers
+// count only if written in this boot (the page cache that holds their data survived);
+// a batch is valid only if its checksum matches and its epoch equals the checkpoint's (a
+// stale journal left by a crash after a checkpoint is ignored); a torn tail is discarded.
 import fs from 'node:fs';
 import zlib from 'node:zlib';
 import * as native from '../native/index.js';
 
 const FILE_MAGIC = Buffer.from('SBJRNL01');
+/** a committed batch: its records, and every volatile batch before its COMMIT mark, count after any crash */
 const BATCH_MAGIC = 0x4a424154; // 'JBAT'
+/** a volatile batch: payload = 16-byte boot id, then records */
+const VOLATILE_MAGIC = 0x4a564f4c; // 'JVOL'
 const HEADER = 16; // magic(8) + version(4) + epoch(4)
 const BATCH_HEADER = 16; // magic, length, crc, epoch
+const BOOT_ID_BYTES = 16;
 const VERSION = 1;
 /**
  * The file is kept written (with zeroes) this far ahead of the last batch: a commit then
- * overwrites blocks the file already has, and its fdatasync has only data to flush, no
- * size or extent change for the filesystem to journal (about half the latency on ext4).
+ * overwrites blocks the file already has, and its sync has only data to flush, no size or
+ * extent change for the filesystem to journal (about half the latency on ext4).
  * Replay stops at the zeroes like at any other invalid batch header.
  */
 const PREALLOC = 1024 * 1024;
 const ZEROES = Buffer.alloc(PREALLOC);
+/**
+ * Volatile batches not yet durable are kept in memory up to this many bytes, so that a commit
+ * rewrites them with its own batch in one pwritev2(RWF_DSYNC) (which syncs only the range it
+ * writes); past it they are dropped and the commit syncs the whole file instead.
+ */
+const UNSYNCED_KEEP = 4 * 1024 * 1024;
 
 /** Fixed-size record: kind + four u32 fields; META carries JSON. */
 export const enum Kind {
@@ -28,7 +42,8 @@ export const enum Kind {
   UNDELTA = 3, // a=snapshot id, b=block
   FREE = 4, // a=physical
   WRITTEN = 5, // a=block, b=generation (COW/mirror: block written in this generation)
-  COPY = 6, // a=snapshot id, b=block, c=reserve slot, d=generation of the copy
+  COPY = 6, // a=snapshot id, b=block, reserve slot, d=generation of the copy
+  COMMIT = 7, // a,b = low and high 32 bits of the file offset every batch before which is committed
   META = 0xff, // JSON
 }
 
@@ -41,29 +56,53 @@ export interface Rec {
   json?: unknown;
 }
 
+/** This boot of the kernel: a page cache written under it is still the one we read. */
+export function currentBootId(): Buffer {
+  const hex = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim().replace(/-/g, '');
+  return Buffer.from(hex, 'hex');
+}
+
+export interface OpenedJournal {
+  journal: Journal;
+  /** the records to replay, in order */
+  records: Rec[];
+  /** volatile batches of an earlier boot that were dropped: the caller must checkpoint (new epoch) so no later commit revives them */
+  discarded: number;
+}
+
 export class Journal {
   private pending: Buffer[] = [];
   private pendingBytes = 0;
   private writeAt: number;
   /** the file is written (batches, then zeroes) up to here */
   private allocEnd: number;
+  /** everything before this offset is durable */
+  private syncedTo: number;
+  /** volatile batches at or after syncedTo, in file order (empty once dropped, see UNSYNCED_KEEP) */
+  private unsynced: Buffer[] = [];
+  private unsyncedBytes = 0;
+  /** a commit must sync the whole file: unsynced batches were dropped from memory, or zeroes were written ahead unsynced */
+  private fullSync = false;
+  /** every batch before this offset is covered by a durable COMMIT */
+  private committedTo: number;
   private chain: Promise<void> = Promise.resolve();
 
   private constructor(
     private readonly fd: number,
     private epoch: number,
     end: number,
+    private readonly bootId: Buffer,
   ) {
     this.writeAt = end;
+    this.syncedTo = end;
+    this.committedTo = end;
     this.allocEnd = preallocate(fd, end);
   }
 
   /** Open (creating if needed) and return the records of valid batches for this epoch. */
-  static open(file: string, epoch: number): { journal: Journal; records: Rec[] } {
+  static open(file: string, epoch: number, bootId: Buffer = currentBootId()): OpenedJournal {
     const exists = fs.existsSync(file);
     const fd = fs.openSync(file, exists ? 'r+' : 'w+', 0o600);
-    const records: Rec[] = [];
-    let end = HEADER;
     const size = fs.fstatSync(fd).size;
     const head = Buffer.alloc(HEADER);
     if (size >= HEADER) fs.readSync(fd, head, 0, HEADER, 0);
@@ -71,33 +110,17 @@ export class Journal {
       // New, foreign or stale journal: start it afresh for this epoch.
       writeHeader(fd, epoch);
       fs.ftruncateSync(fd, HEADER);
-      return { journal: new Journal(fd, epoch, HEADER), records };
+      return { journal: new Journal(fd, epoch, HEADER, bootId), records: [], discarded: 0 };
     }
     const data = Buffer.alloc(size - HEADER);
     fs.readSync(fd, data, 0, data.length, HEADER);
-    let pos = 0;
-    while (pos + BATCH_HEADER <= data.length) {
-      if (data.readUInt32LE(pos) !== BATCH_MAGIC) break;
-      const len = data.readUInt32LE(pos + 4);
-      const crc = data.readUInt32LE(pos + 8);
-      const ep = data.readUInt32LE(pos + 12);
-      if (ep !== epoch || pos + BATCH_HEADER + len > data.length) break;
-      const payload = data.subarray(pos + BATCH_HEADER, pos + BATCH_HEADER + len);
-      if (zlib.crc32(payload) !== crc) break;
-      decode(payload, records);
-      pos += BATCH_HEADER + len;
-    }
-    end = HEADER + pos;
-    if (end < size) fs.ftruncateSync(fd, end); // torn or garbage tail, or preallocated zeroes (written afresh next)
-    return { journal: new Journal(fd, epoch, end), records };
+    const { records, discarded, end } = replay(data, epoch, bootId);
+    if (HEADER + end < size) fs.ftruncateSync(fd, HEADER + end); // torn or garbage tail, or preallocated zeroes (written afresh next)
+    return { journal: new Journal(fd, epoch, HEADER + end, bootId), records, discarded };
   }
 
   get size(): number {
     return this.writeAt + this.pendingBytes;
-  }
-
-  get hasPending(): boolean {
-    return this.pendingBytes > 0;
   }
 
   append(k: Kind, a = 0, b = 0, c = 0, d = 0): void {
@@ -121,42 +144,87 @@ export class Journal {
     this.pendingBytes += r.length;
   }
 
-  /** Detach the records appended so far; the caller makes their data durable, then commits them. */
-  take(): Buffer[] {
-    const out = this.pending;
+  /**
+   * Write the records appended since the last call as one volatile batch into the page cache
+   * (synchronous: a few hundred bytes, microseconds), so they survive the process. Called
+   * before an operation that appended records is acknowledged.
+   */
+  persist(): void {
+    if (!this.pendingBytes) return;
+    const batch = encodeBatch(VOLATILE_MAGIC, this.epoch, [this.bootId, ...this.pending]);
     this.pending = [];
     this.pendingBytes = 0;
-    return out;
+    const at = this.reserve(batch.length);
+    fs.writeSync(this.fd, batch, 0, batch.length, at);
+    if (this.fullSync) return;
+    this.unsynced.push(batch);
+    this.unsyncedBytes += batch.length;
+    if (this.unsyncedBytes > UNSYNCED_KEEP) this.dropUnsynced();
   }
 
-  /** Write one batch and make it durable. Batches are written in call order. */
-  commit(records: Buffer[]): Promise<void> {
-    const run = async () => {
-      if (!records.length) return;
-      const payload = Buffer.concat(records);
-      const h = Buffer.allocUnsafe(BATCH_HEADER);
-      h.writeUInt32LE(BATCH_MAGIC, 0);
-      h.writeUInt32LE(payload.length, 4);
-      h.writeUInt32LE(zlib.crc32(payload), 8);
-      h.writeUInt32LE(this.epoch, 12);
-      const at = this.writeAt;
-      this.writeAt += BATCH_HEADER + payload.length;
-      if (this.writeAt > this.allocEnd) {
-        // Zeroes first, then the batch over them; one fdatasync covers both (and the new size).
-        const end = writtenAheadEnd(this.writeAt);
-        for (let z = this.allocEnd; z < end; z += PREALLOC) await native.pwrite(this.fd, ZEROES.subarray(0, Math.min(PREALLOC, end - z)), z);
-        this.allocEnd = end;
-        await native.pwritev(this.fd, [h, payload], at);
-        await native.fdatasync(this.fd);
-      } else {
-        // Inside the written area: one pwritev2(RWF_DSYNC) makes the batch durable, one trip
-        // to the thread pool instead of two (each trip costs milliseconds on a loaded machine).
-        await native.pwritev(this.fd, [h, payload], at, true);
-      }
-    };
-    const p = this.chain.then(run);
+  /**
+   * Persist what is appended and return the mark a later commit makes durable: the caller
+   * seals, makes the data those records describe durable, then commits the mark.
+   */
+  seal(): number {
+    this.persist();
+    return this.writeAt;
+  }
+
+  /** Make every batch before `mark` durable and committed. Commits run in call order. */
+  commit(mark: number): Promise<void> {
+    const p = this.chain.then(() => this.commitNow(mark));
     this.chain = p.catch(() => {});
     return p;
+  }
+
+  private async commitNow(mark: number): Promise<void> {
+    if (mark <= this.committedTo) return;
+    const batch = encodeBatch(BATCH_MAGIC, this.epoch, [commitRecord(mark)]);
+    const at = this.reserve(batch.length);
+    try {
+      if (this.fullSync) {
+        this.dropUnsynced();
+        this.fullSync = false;
+        await native.pwritev(this.fd, [batch], at);
+        await native.fdatasync(this.fd); // the dropped volatile batches, zeroes written ahead, and this batch
+      } else {
+        // One pwritev2(RWF_DSYNC) over the unsynced volatile batches and the commit batch: durable
+        // on return, one trip to the IO thread pool. The volatile bytes are rewritten unchanged.
+        const bufs = [...this.unsynced, batch];
+        this.unsynced = [];
+        this.unsyncedBytes = 0;
+        await native.pwritev(this.fd, bufs, this.syncedTo, true);
+      }
+    } catch (err) {
+      this.dropUnsynced(); // what is durable is unknown now: a later commit syncs everything
+      throw err;
+    }
+    this.syncedTo = Math.max(this.syncedTo, at + batch.length);
+    this.committedTo = Math.max(this.committedTo, mark);
+  }
+
+  /**
+   * Room for a batch of `len` bytes at the end of the journal, written synchronously. Past the
+   * zeroes written ahead, more zeroes first; those are not durable, so the next commit syncs the file.
+   */
+  private reserve(len: number): number {
+    const at = this.writeAt;
+    this.writeAt += len;
+    if (this.writeAt > this.allocEnd) {
+      const end = writtenAheadEnd(this.writeAt);
+      for (let z = this.allocEnd; z < end; z += PREALLOC) fs.writeSync(this.fd, ZEROES, 0, Math.min(PREALLOC, end - z), z);
+      this.allocEnd = end;
+      this.dropUnsynced();
+    }
+    return at;
+  }
+
+  /** Forget the unsynced volatile batches kept for rewriting: the next commit syncs the whole file. */
+  private dropUnsynced(): void {
+    this.fullSync = true;
+    this.unsynced = [];
+    this.unsyncedBytes = 0;
   }
 
   /** Start a new, empty journal for a new epoch (after a checkpoint made the old one redundant). */
@@ -165,13 +233,78 @@ export class Journal {
     this.epoch = epoch;
     writeHeader(this.fd, epoch);
     fs.ftruncateSync(this.fd, HEADER);
-    this.writeAt = HEADER;
+    this.pending = [];
+    this.pendingBytes = 0;
+    this.unsynced = [];
+    this.unsyncedBytes = 0;
+    this.fullSync = false;
+    this.writeAt = this.syncedTo = this.committedTo = HEADER;
     this.allocEnd = preallocate(this.fd, HEADER);
   }
 
   close(): void {
     fs.closeSync(this.fd);
   }
+}
+
+/** The COMMIT record of a mark (a file offset, split into two u32). */
+function commitRecord(mark: number): Buffer {
+  const lo = mark % 0x100000000;
+  const rec = Buffer.alloc(17);
+  rec.writeUInt8(Kind.COMMIT, 0);
+  rec.writeUInt32LE(lo, 1);
+  rec.writeUInt32LE((mark - lo) / 0x100000000, 5);
+  return rec;
+}
+
+/** One batch: header (magic, payload length, CRC-32 of the payload, epoch), then the payload. */
+function encodeBatch(magic: number, epoch: number, parts: Buffer[]): Buffer {
+  const payload = Buffer.concat(parts);
+  const out = Buffer.allocUnsafe(BATCH_HEADER + payload.length);
+  out.writeUInt32LE(magic, 0);
+  out.writeUInt32LE(payload.length, 4);
+  out.writeUInt32LE(zlib.crc32(payload), 8);
+  out.writeUInt32LE(epoch, 12);
+  payload.copy(out, BATCH_HEADER);
+  return out;
+}
+
+/**
+ * The records of the valid batches of `data` (the file after its header), in order. Volatile
+ * batches wait for a COMMIT covering them; at the end, those left count only if written in this
+ * boot, else they are dropped (a power loss may have kept them without the data they describe).
+ */
+function replay(data: Buffer, epoch: number, bootId: Buffer): { records: Rec[]; discarded: number; end: number } {
+  const records: Rec[] = [];
+  let waiting: Array<{ at: number; boot: Buffer; recs: Rec[] }> = [];
+  let pos = 0;
+  while (pos + BATCH_HEADER <= data.length) {
+    const magic = data.readUInt32LE(pos);
+    if (magic !== BATCH_MAGIC && magic !== VOLATILE_MAGIC) break;
+    const len = data.readUInt32LE(pos + 4);
+    const crc = data.readUInt32LE(pos + 8);
+    const ep = data.readUInt32LE(pos + 12);
+    if (ep !== epoch || pos + BATCH_HEADER + len > data.length) break;
+    const payload = data.subarray(pos + BATCH_HEADER, pos + BATCH_HEADER + len);
+    if (zlib.crc32(payload) !== crc) break;
+    const at = HEADER + pos;
+    if (magic === VOLATILE_MAGIC) {
+      waiting.push({ at, boot: payload.subarray(0, BOOT_ID_BYTES), recs: decode(payload.subarray(BOOT_ID_BYTES)) });
+    } else {
+      for (const r of decode(payload)) {
+        if (r.k !== Kind.COMMIT) records.push(r);
+        else {
+          const mark = r.a + r.b * 0x100000000;
+          for (const w of waiting) if (w.at < mark) records.push(...w.recs);
+          waiting = waiting.filter((w) => w.at >= mark);
+        }
+      }
+    }
+    pos += BATCH_HEADER + len;
+  }
+  const thisBoot = waiting.every((w) => w.boot.equals(bootId));
+  if (thisBoot) for (const w of waiting) records.push(...w.recs);
+  return { records, discarded: thisBoot ? 0 : waiting.length, end: pos };
 }
 
 /** where the zeroes written ahead of `from` end: the next PREALLOC boundary at least PREALLOC ahead */
@@ -198,7 +331,8 @@ function writeHeader(fd: number, epoch: number): void {
   fs.writeSync(fd, h, 0, HEADER, 0);
 }
 
-function decode(payload: Buffer, out: Rec[]): void {
+function decode(payload: Buffer): Rec[] {
+  const out: Rec[] = [];
   let pos = 0;
   while (pos < payload.length) {
     const k = payload.readUInt8(pos) as Kind;
@@ -211,4 +345,5 @@ function decode(payload: Buffer, out: Rec[]): void {
       pos += 17;
     }
   }
+  return out;
 }

@@ -53,6 +53,10 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     return this.map.raw(offset, length);
   }
 
+  protected override persistMetadata(): void {
+    this.journal.persist();
+  }
+
   get size(): number {
     return this.meta.size;
   }
@@ -110,9 +114,12 @@ export function readVolumeCheckpoint<M extends VolumeMeta>(dir: string, format: 
   return ck;
 }
 
-/** The journal records of the checkpoint's epoch (to replay) and the open data file. */
-export function openJournalAndData(dir: string, epoch: number): { journal: Journal; records: Rec[]; fd: number } {
-  const { journal, records } = Journal.open(path.join(dir, 'journal'), epoch);
+/**
+ * The journal records of the checkpoint's epoch (to replay) and the open data file. With records
+ * replayed or volatile batches discarded, the caller checkpoints (so the discarded ones never count).
+ */
+export function openJournalAndData(dir: string, epoch: number): { journal: Journal; records: Rec[]; discarded: number; fd: number } {
+  const { journal, records, discarded } = Journal.open(path.join(dir, 'journal'), epoch);
   const { fd } = native.openFile(path.join(dir, 'data'), { direct: false, readOnly: false });
-  return { journal, records, fd };
+  return { journal, records, discarded, fd };
 }

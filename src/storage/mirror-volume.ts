@@ -96,7 +96,7 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   private onProgress?: (copied: number, total: number) => void;
   private flushes = new Set<Promise<unknown>>();
   private readonly exclusive = new Mutex();
-  private readonly durable = new GroupCommit(async () => this.journal.commit(this.journal.take()));
+  private readonly durable = new GroupCommit(async () => this.journal.commit(this.journal.seal()));
   private closed = false;
 
   private constructor(dir: string, meta: Meta, journal: Journal, fd: number, private readonly opts: MirrorOptions) {
@@ -123,7 +123,7 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
 
   static async open(dir: string, opts: MirrorOptions): Promise<MirrorVolume> {
     const ck = readVolumeCheckpoint<Meta>(dir, 'snapblock-mirror', 'split-mirror', FORMAT_VERSION);
-    const { journal, records, fd } = openJournalAndData(dir, ck.meta.epoch);
+    const { journal, records, discarded, fd } = openJournalAndData(dir, ck.meta.epoch);
     const v = new MirrorVolume(dir, ck.meta, journal, fd, opts);
     v.snaps = ck.meta.snapshots.map((s) => ({ ...s, written: new Set<number>(), own: 0 }));
     const w = ck.arrays.written;
@@ -132,7 +132,7 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
     if (fs.fstatSync(fd).size !== v.meta.size) fs.ftruncateSync(fd, v.meta.size); // undo a resize that never became durable
     const repaired = v.openSnapshotFiles();
     const mirrorChanged = await v.openMirror();
-    if (records.length || repaired || mirrorChanged) await v.quiesce(() => v.checkpoint());
+    if (records.length || discarded || repaired || mirrorChanged) await v.quiesce(() => v.checkpoint());
     if (v.meta.mirror.state === 'syncing') v.startCopier();
     return v;
   }

@@ -99,13 +99,15 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
       if (m.tablePage !== PAGE_ENTRIES) throw new Error(`${dir}: pointer-table pages of ${m.tablePage} entries are not supported (this snapblock uses ${PAGE_ENTRIES})`);
       table = PointerTable.decode(n, ck.arrays.pages, ck.arrays.map, ck.arrays.birth);
     }
-    const { journal, records, fd } = openJournalAndData(dir, m.epoch);
+    const { journal, records, discarded, fd } = openJournalAndData(dir, m.epoch);
     const v = new RowVolume(dir, m, table, journal, fd, opts);
     v.loadSnapshots(m, ck.arrays.delta);
     for (const r of records) v.replay(r);
+    // Replayed volatile records may describe data still only in the page cache: sync it before the checkpoint.
+    v.dataDirty = records.length > 0;
     await v.rebuildFreeList();
-    // Replayed records, or a format 1 checkpoint: write the state in the current format.
-    if (records.length || m.version !== FORMAT_VERSION) {
+    // Replayed or discarded records, or a format 1 checkpoint: write the state in the current format.
+    if (records.length || discarded || m.version !== FORMAT_VERSION) {
       if (m.version !== FORMAT_VERSION) opts.log.info({ dir, from: m.version, to: FORMAT_VERSION }, 'upgrading redirect-on-write volume format');
       await v.checkpoint();
     }
@@ -496,7 +498,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
 
   /** Data, then the journal batch describing it; then released blocks become reusable. */
   private async flushOnce(timer?: SnapshotTimer): Promise<void> {
-    const batch = this.journal.take();
+    const mark = this.journal.seal();
     const freed = this.pendingFree;
     this.pendingFree = [];
     // Nothing written since the last sync (an idle snapshot create): no data to make durable.
@@ -506,8 +508,8 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
       if (timer) await timer.step('fdatasyncData', () => native.fdatasync(this.fd));
       else await native.fdatasync(this.fd);
     }
-    if (timer) await timer.step('journalCommit', () => this.journal.commit(batch));
-    else await this.journal.commit(batch);
+    if (timer) await timer.step('journalCommit', () => this.journal.commit(mark));
+    else await this.journal.commit(mark);
     // Released blocks are durable as free now: scrub, then allow reuse. In the background:
     // a snapshot delete frees tens of thousands of blocks, and nothing waits for their space.
     if (freed.length) {

@@ -108,6 +108,12 @@ export abstract class Volume implements BlockLayer, ViewOps {
     return undefined;
   }
   protected abstract trimLive(offset: number, length: number, zero: boolean): Promise<void>;
+  /**
+   * Hand the metadata records a completed write or trim appended to the kernel (page cache),
+   * so the operation survives a kill of this process once acknowledged (docs/FORMAT.md,
+   * "process crash"). Called before its reply; durability against power loss is flush()'s job.
+   */
+  protected persistMetadata(): void {}
   abstract readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer>;
   abstract extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]>;
   /** make every completed write and its metadata durable */
@@ -137,6 +143,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
     await this.admit();
     try {
       await this.writeLive(offset, data);
+      this.persistMetadata();
     } finally {
       this.leave();
     }
@@ -168,6 +175,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
     await this.admit();
     try {
       await this.trimLive(offset, length, false);
+      this.persistMetadata();
     } finally {
       this.leave();
     }
@@ -180,6 +188,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
     try {
       if (flags.mayTrim) await this.trimLive(offset, length, true);
       else await this.writeZeroes(offset, length);
+      this.persistMetadata();
     } finally {
       this.leave();
     }
