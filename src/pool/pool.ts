@@ -8,6 +8,7 @@ import type { Logger } from 'pino';
 import type { BlockLayer } from '../block/layer.js';
 import type { ExportProvider, MetaContextSource, OpenedExport } from '../nbd/exports.js';
 import { createVolumeFiles, openVolume } from '../storage/factory.js';
+import { syncFailureProblems } from '../storage/journaled-volume.js';
 import { SnapshotError, type ChangedExtent, type SnapshotInfo, type SnapshotMode, type Volume } from '../storage/volume.js';
 import { readCatalog, writeCatalog, type Backend, type Catalog, type VolumeRecord, type VolumeReplication, type VolumeType } from './catalog.js';
 import { fsyncDir } from './atomic-file.js';
@@ -440,9 +441,13 @@ export class Pool implements ExportProvider {
     for (const name of Object.keys(this.catalog.volumes).sort()) {
       if (report.problems.some((p) => p.startsWith(`volume "${name}"`))) continue;
       try {
-        for (const p of await (await this.volume(name)).check()) report.problems.push(`volume "${name}": ${p}`);
+        const v = await this.volume(name);
+        for (const p of await v.check()) report.problems.push(`volume "${name}": ${p}`);
+        if (opts.repair && v.clearSyncFailure()) report.repaired.push(`volume "${name}": cleared the note of a failed sync (its data was to be verified first)`);
+        else for (const p of v.syncFailures()) report.problems.push(`volume "${name}": ${p}`);
       } catch (err) {
         report.problems.push(`volume "${name}": cannot be opened: ${(err as Error).message}`);
+        for (const p of syncFailureProblems(path.join(this.dir, this.catalog.volumes[name].dir))) report.problems.push(`volume "${name}": ${p}`);
       }
     }
     report.ok = report.problems.length === 0;

@@ -76,7 +76,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
   private liveReads = new Set<{ first: number; last: number; done: Promise<unknown> }>();
   private toRelease: Snap[] = [];
   private readonly zeros: Buffer;
-  private readonly durable = new GroupCommit(() => this.commitNow());
+  private readonly durable = new GroupCommit(() => this.durably(() => this.commitNow()));
   private closed = false;
   /** a write or trim of the data file since its last fdatasync */
   private dataDirty = false;
@@ -432,7 +432,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
   private async syncData(): Promise<void> {
     if (!this.dataDirty) return;
     this.dataDirty = false;
-    await native.fdatasync(this.fd);
+    await this.durably(() => native.fdatasync(this.fd));
   }
 
   async flush(): Promise<void> {

@@ -152,10 +152,16 @@ export class Journal {
   persist(): void {
     if (!this.pendingBytes) return;
     const batch = encodeBatch(VOLATILE_MAGIC, this.epoch, [this.bootId, ...this.pending]);
+    const at = this.reserve(batch.length);
+    try {
+      fs.writeSync(this.fd, batch, 0, batch.length, at);
+    } catch (err) {
+      // (a full filesystem) the records stay pending: their operations fail, a later persist retries
+      this.writeAt = at;
+      throw err;
+    }
     this.pending = [];
     this.pendingBytes = 0;
-    const at = this.reserve(batch.length);
-    fs.writeSync(this.fd, batch, 0, batch.length, at);
     if (this.fullSync) return;
     this.unsynced.push(batch);
     this.unsyncedBytes += batch.length;
@@ -210,13 +216,15 @@ export class Journal {
    */
   private reserve(len: number): number {
     const at = this.writeAt;
-    this.writeAt += len;
-    if (this.writeAt > this.allocEnd) {
-      const end = writtenAheadEnd(this.writeAt);
-      for (let z = this.allocEnd; z < end; z += PREALLOC) fs.writeSync(this.fd, ZEROES, 0, Math.min(PREALLOC, end - z), z);
-      this.allocEnd = end;
+    if (at + len > this.allocEnd) {
+      const end = writtenAheadEnd(at + len);
       this.dropUnsynced();
+      for (let z = this.allocEnd; z < end; z += PREALLOC) {
+        fs.writeSync(this.fd, ZEROES, 0, Math.min(PREALLOC, end - z), z);
+        this.allocEnd = Math.min(end, z + PREALLOC);
+      }
     }
+    this.writeAt += len;
     return at;
   }
 

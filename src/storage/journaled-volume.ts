@@ -7,7 +7,7 @@ import * as native from '../native/index.js';
 import { readCheckpoint, writeCheckpoint, type CheckpointData } from './checkpoint.js';
 import { Journal, type Rec } from './journal.js';
 import { Volume, SnapshotError } from './volume.js';
-import type { MappedRange } from '../block/layer.js';
+import { BlockError, type MappedRange } from '../block/layer.js';
 import { FileMap } from './file-map.js';
 import { mappedWrites } from './inline-write.js';
 
@@ -53,6 +53,46 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     return this.map.raw(offset, length);
   }
 
+  /**
+   * Run a sync (data fdatasync, journal commit, or a flush made of them). The first one that
+   * fails poisons the volume until it is reopened: every later sync fails too, because the
+   * kernel may have dropped the dirty pages the failed one was to write (the "fsyncgate"
+   * lesson), so a later success would vouch for lost data. The failure is also recorded in the
+   * volume directory (best effort: the filesystem may be full) for `check`.
+   */
+  protected async durably<T>(op: () => Promise<T>): Promise<T> {
+    if (this.syncFailure) throw poisoned(this.syncFailure);
+    try {
+      return await op();
+    } catch (err) {
+      if (!this.syncFailure) this.poison(err as Error);
+      throw err;
+    }
+  }
+
+  private syncFailure?: Error;
+
+  private poison(err: Error): void {
+    this.syncFailure = err;
+    const note = { at: new Date().toISOString(), code: (err as NodeJS.ErrnoException).code ?? 'EIO', message: err.message };
+    try {
+      fs.writeFileSync(path.join(this.dir, SYNC_FAILED), JSON.stringify(note) + '\n', { mode: 0o600 });
+    } catch {
+      // a full or failing filesystem: the volume still refuses every flush until reopened
+    }
+  }
+
+  override syncFailures(): string[] {
+    return syncFailureProblems(this.dir);
+  }
+
+  override clearSyncFailure(): boolean {
+    const file = path.join(this.dir, SYNC_FAILED);
+    if (!fs.existsSync(file)) return false;
+    fs.rmSync(file, { force: true });
+    return true;
+  }
+
   protected override persistMetadata(): void {
     this.journal.persist();
   }
@@ -89,6 +129,28 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     this.meta.gen = m.gen + 1;
     this.meta.nextSnapId = Math.max(this.meta.nextSnapId, m.id + 1);
   }
+}
+
+/** The note a failed sync leaves in the volume directory (docs/FORMAT.md). */
+export const SYNC_FAILED = 'sync-failed';
+
+/** `check` problems: a sync that failed since the note was last cleared (by `check --repair`, once the data is verified). */
+export function syncFailureProblems(dir: string): string[] {
+  const file = path.join(dir, SYNC_FAILED);
+  if (!fs.existsSync(file)) return [];
+  let what = 'unknown error';
+  try {
+    const n = JSON.parse(fs.readFileSync(file, 'utf8')) as { at: string; code: string; message: string };
+    what = `${n.code} at ${n.at}: ${n.message}`;
+  } catch {
+    // unreadable note: still a failed sync
+  }
+  return [`a data or journal sync failed (${what}); writes acknowledged before it may be lost: verify the volume's data, then clear this with \`check --repair\``];
+}
+
+/** The error every sync after a failed one reports. */
+function poisoned(first: Error): BlockError {
+  return new BlockError('EIO', `an earlier sync of this volume failed (${(first as NodeJS.ErrnoException).code ?? first.message}); writes acknowledged before it may be lost, so no flush can succeed until the volume is reopened`);
 }
 
 /** A new volume directory: the data file (sparse, dataSize bytes) and the first checkpoint. */

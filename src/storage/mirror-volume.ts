@@ -96,7 +96,7 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   private onProgress?: (copied: number, total: number) => void;
   private flushes = new Set<Promise<unknown>>();
   private readonly exclusive = new Mutex();
-  private readonly durable = new GroupCommit(async () => this.journal.commit(this.journal.seal()));
+  private readonly durable = new GroupCommit(() => this.durably(() => this.journal.commit(this.journal.seal())));
   private closed = false;
 
   private constructor(dir: string, meta: Meta, journal: Journal, fd: number, private readonly opts: MirrorOptions) {
@@ -481,9 +481,11 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   // ---- durability ----
 
   async flush(): Promise<void> {
-    const syncs = [native.fdatasync(this.fd)];
-    if (this.mirrorFd !== undefined) syncs.push(native.fdatasync(this.mirrorFd));
-    const all = Promise.all(syncs);
+    const all = this.durably(() => {
+      const syncs = [native.fdatasync(this.fd)];
+      if (this.mirrorFd !== undefined) syncs.push(native.fdatasync(this.mirrorFd));
+      return Promise.all(syncs);
+    });
     this.flushes.add(all);
     try {
       await all;

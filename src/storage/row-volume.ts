@@ -491,7 +491,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
    * apply a later pointer before an earlier one.
    */
   private flushNoCheckpoint(timer?: SnapshotTimer): Promise<void> {
-    const run = this.flushing.then(() => this.flushOnce(timer));
+    const run = this.flushing.then(() => this.durably(() => this.flushOnce(timer)));
     this.flushing = run.catch(() => {});
     return run;
   }

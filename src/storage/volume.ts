@@ -125,6 +125,14 @@ export abstract class Volume implements BlockLayer, ViewOps {
   /** block-aligned ranges whose content differs between two points (undefined = live volume) */
   abstract changedBlocks(from: string, to: string | undefined): Promise<ChangedExtent[]>;
   abstract check(): Promise<string[]>;
+  /** problems `check` reports about earlier failed syncs (they outlive a reopen) */
+  syncFailures(): string[] {
+    return [];
+  }
+  /** forget the failed-sync note (`check --repair`); whether there was one */
+  clearSyncFailure(): boolean {
+    return false;
+  }
   /** grow (or, without snapshots, shrink) the live volume */
   abstract resize(size: number): Promise<void>;
   abstract allocatedBytes(): number;
