@@ -513,6 +513,12 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
     return out;
   }
 
+  /** The snapshot's table lists every block written after it. */
+  protected changedSince(from: string): (l: number) => boolean {
+    const table = this.snapByName(from).table;
+    return (l) => table.has(l);
+  }
+
   async resize(size: number): Promise<void> {
     if (size < this.meta.size && this.snaps.length) throw new SnapshotError('EBUSY', 'shrinking a volume that has snapshots is not supported: delete its snapshots first');
     await this.quiesce(async () => {

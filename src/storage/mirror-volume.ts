@@ -592,6 +592,12 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
     return out;
   }
 
+  /** Each snapshot from `from` on keeps the blocks written while it was the newest. */
+  protected changedSince(from: string): (l: number) => boolean {
+    const sets = this.snaps.slice(this.snaps.indexOf(this.snapByName(from))).map((s) => s.written);
+    return (l) => sets.some((w) => w.has(l));
+  }
+
   async resize(size: number): Promise<void> {
     if (size < this.meta.size && this.snaps.length) throw new SnapshotError('EBUSY', 'shrinking a volume that has snapshots is not supported: delete its snapshots first');
     await this.quiesce(() =>

@@ -356,9 +356,9 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   // ---- reads and extents, live or of a snapshot ----
 
   /** The pointer a view sees for block l (UNALLOCATED: falls through to the base or zeroes). */
-  private resolve(snap: Snap | undefined, l: number): number {
+  private resolve(snap: Snap | undefined, l: number, from = snap ? this.snaps.indexOf(snap) : 0): number {
     if (!snap) return this.table.ptr(l);
-    for (let i = this.snaps.indexOf(snap); i < this.snaps.length; i++) {
+    for (let i = from; i < this.snaps.length; i++) {
       const d = this.snaps[i].delta;
       const k = d.slotOf(l);
       if (k >= 0) return d.birthAt(k) <= snap.gen ? d.ptrAt(k) : UNALLOCATED;
@@ -574,6 +574,12 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     const out = blocksToExtents(changed, this.meta.blockSize, size);
     if (bigger > a.size) out.push({ offset: a.size, length: bigger - a.size });
     return out;
+  }
+
+  protected changedSince(from: string): (l: number) => boolean {
+    const snap = this.snapByName(from);
+    const i = this.snaps.indexOf(snap);
+    return (l) => this.resolve(snap, l, i) !== this.table.ptr(l);
   }
 
   async resize(size: number): Promise<void> {

@@ -37,6 +37,9 @@ export interface PlacedRange {
  */
 const ARRIVING_PATIENCE_MS = 5000;
 
+/** the most blocks one changedInRange answer covers (the client asks again for the rest) */
+const RANGE_BLOCKS = 65536;
+
 export class SnapshotError extends Error {
   constructor(
     readonly code: 'ENOENT' | 'EEXIST' | 'EINVAL' | 'EBUSY',
@@ -299,6 +302,34 @@ export abstract class Volume implements BlockLayer, ViewOps {
     }
     await this.flush();
   }
+
+  /**
+   * Which part of [offset, offset+length) of the live volume changed since snapshot `from`:
+   * descriptors from offset on, consecutive, covering at least one byte and at most
+   * RANGE_BLOCKS blocks, so that one BLOCK_STATUS request costs the range it asks about,
+   * never a walk of the whole volume on the event loop.
+   */
+  changedInRange(from: string, offset: number, length: number): Array<{ length: number; changed: boolean }> {
+    const info = this.findSnapshot(from);
+    if (info.status !== 'valid') throw new SnapshotError('EINVAL', `snapshot "${from}" is ${info.status}: its changes are unknown`);
+    const bs = this.blockSize;
+    const end = Math.min(offset + length, offset + RANGE_BLOCKS * bs - (offset % bs));
+    const blockChanged = this.changedSince(from);
+    const out: Array<{ length: number; changed: boolean }> = [];
+    for (let at = offset; at < end; ) {
+      const next = Math.min(end, (Math.floor(at / bs) + 1) * bs);
+      // past the snapshot's end everything is new; past the live end nothing is asked
+      const changed = at >= info.size || blockChanged(Math.floor(at / bs));
+      const last = out[out.length - 1];
+      if (last && last.changed === changed) last.length += next - at;
+      else out.push({ length: next - at, changed });
+      at = next;
+    }
+    return out;
+  }
+
+  /** A test of whether live block l differs (or may differ) from what snapshot `from` holds. */
+  protected abstract changedSince(from: string): (l: number) => boolean;
 
   /** Changed extents between two points, clipped to the smaller size, for humans and NBD. */
   async changedExtents(from: string, to: string | undefined): Promise<ChangedExtent[]> {
