@@ -62,4 +62,20 @@ describe('DeltaMap', () => {
   it('refuses the one value that marks an empty slot', () => {
     expect(() => new DeltaMap().set(0xffffffff, { p: 1, birth: 1 })).toThrow(RangeError);
   });
+
+  it('mayHoldAny: never false for a range holding a key, false for an empty map and ranges outside the keys', () => {
+    const m = new DeltaMap();
+    expect(m.mayHoldAny(0, 0xfffffffe)).toBe(false);
+    for (const l of [100, 5000, 70000]) m.set(l, { p: 1, birth: 1 });
+    expect(m.mayHoldAny(100, 100)).toBe(true);
+    expect(m.mayHoldAny(4000, 6000)).toBe(true);
+    expect(m.mayHoldAny(70000, 80000)).toBe(true);
+    expect(m.mayHoldAny(0, 99)).toBe(false);
+    expect(m.mayHoldAny(70001, 90000)).toBe(false);
+    for (let l = 200; l < 300; l++) m.set(l, { p: 2, birth: 1 }); // growth keeps the bounds
+    m.delete(70000);
+    expect(m.mayHoldAny(250, 250)).toBe(true);
+    for (const l of [...m.keys()]) m.delete(l);
+    expect(m.mayHoldAny(0, 0xfffffffe)).toBe(false);
+  });
 });

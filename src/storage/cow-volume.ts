@@ -514,7 +514,7 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
   }
 
   /** The snapshot's table lists every block written after it. */
-  protected changedSince(from: string): (l: number) => boolean {
+  protected changedSince(from: string, _first: number, _last: number): (l: number) => boolean {
     const table = this.snapByName(from).table;
     return (l) => table.has(l);
   }

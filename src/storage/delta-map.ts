@@ -20,6 +20,9 @@ export class DeltaMap {
   private births!: Uint32Array;
   private shift!: number;
   private count = 0;
+  /** bounds of the keys ever set since the map was last empty (a delete does not shrink them) */
+  private lowest = EMPTY;
+  private highest = -1;
 
   constructor() {
     this.allocate(MIN_CAPACITY);
@@ -36,6 +39,14 @@ export class DeltaMap {
 
   get size(): number {
     return this.count;
+  }
+
+  /**
+   * Whether some key may lie in [first, last]: false is certain. A snapshot read asks this once
+   * per request, so that of a thousand snapshots only the deltas near the range are probed per block.
+   */
+  mayHoldAny(first: number, last: number): boolean {
+    return this.count > 0 && this.lowest <= last && this.highest >= first;
   }
 
   private home(l: number): number {
@@ -73,6 +84,8 @@ export class DeltaMap {
     if (this.blocks[i] === EMPTY) {
       this.blocks[i] = l;
       this.count++;
+      if (l < this.lowest) this.lowest = l;
+      if (l > this.highest) this.highest = l;
     }
     this.ptrs[i] = e.p;
     this.births[i] = e.birth;
@@ -96,6 +109,10 @@ export class DeltaMap {
     }
     this.blocks[i] = EMPTY;
     this.count--;
+    if (this.count === 0) {
+      this.lowest = EMPTY;
+      this.highest = -1;
+    }
     if (this.blocks.length > MIN_CAPACITY && this.count * 8 < this.blocks.length) this.rehash(this.blocks.length / 2);
     return true;
   }

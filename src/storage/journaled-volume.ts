@@ -27,6 +27,8 @@ export interface VolumeMeta {
 export interface SnapRef {
   id: number;
   name: string;
+  /** cow snapshots can be invalidated (reserve overflow); the others are always valid */
+  status?: 'valid' | 'invalid';
 }
 
 export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> extends Volume {
@@ -110,6 +112,11 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     const bs = this.meta.blockSize;
     for (let l = Math.floor(offset / bs), last = Math.floor((offset + length - 1) / bs); l <= last; l++) if (!ok(l)) return false;
     return true;
+  }
+
+  override snapshotStatus(name: string): 'valid' | 'invalid' | undefined {
+    const s = this.snaps.find((x) => x.name === name);
+    return s && (s.status ?? 'valid');
   }
 
   protected snapById(id: number): S {

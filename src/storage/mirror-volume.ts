@@ -593,7 +593,7 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
   }
 
   /** Each snapshot from `from` on keeps the blocks written while it was the newest. */
-  protected changedSince(from: string): (l: number) => boolean {
+  protected changedSince(from: string, _first: number, _last: number): (l: number) => boolean {
     const sets = this.snaps.slice(this.snaps.indexOf(this.snapByName(from))).map((s) => s.written);
     return (l) => sets.some((w) => w.has(l));
   }

@@ -355,15 +355,24 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
 
   // ---- reads and extents, live or of a snapshot ----
 
-  /** The pointer a view sees for block l (UNALLOCATED: falls through to the base or zeroes). */
-  private resolve(snap: Snap | undefined, l: number, from = snap ? this.snaps.indexOf(snap) : 0): number {
+  /**
+   * The pointer a view sees for block l (UNALLOCATED: falls through to the base or zeroes).
+   * `deltas`: the deltas that may hold l, oldest first, from the view's snapshot on (deltasNear).
+   */
+  private resolve(snap: Snap | undefined, l: number, deltas: DeltaMap[] = snap ? this.deltasNear(snap, l, l) : []): number {
     if (!snap) return this.table.ptr(l);
-    for (let i = from; i < this.snaps.length; i++) {
-      const d = this.snaps[i].delta;
+    for (const d of deltas) {
       const k = d.slotOf(l);
       if (k >= 0) return d.birthAt(k) <= snap.gen ? d.ptrAt(k) : UNALLOCATED;
     }
     return this.table.birth(l) <= snap.gen ? this.table.ptr(l) : UNALLOCATED;
+  }
+
+  /** The deltas of `snap` and every newer snapshot that may hold a block in [first, last], oldest first. */
+  private deltasNear(snap: Snap, first: number, last: number): DeltaMap[] {
+    const out: DeltaMap[] = [];
+    for (let i = this.snaps.indexOf(snap); i < this.snaps.length; i++) if (this.snaps[i].delta.mayHoldAny(first, last)) out.push(this.snaps[i].delta);
+    return out;
   }
 
   /**
@@ -412,10 +421,11 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     if (length === 0) return out;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
+    const deltas = snap ? this.deltasNear(snap, first, last) : []; // once per read, not once per block
     for (let w = this.busy(first, last); w; w = this.busy(first, last)) await w;
     if (first === last) {
       // One block (every small random read): no run bookkeeping.
-      const p = this.resolve(snap, first);
+      const p = this.resolve(snap, first, deltas);
       if (p !== UNALLOCATED && p !== ZERO) await readAt(this.fd, out, (p - 1) * bs + offset - first * bs);
       else if (p === UNALLOCATED && this.opts.base && offset < this.opts.base.size) (await this.opts.base.read(offset, length)).copy(out);
       else out.fill(0);
@@ -427,7 +437,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
       const bo = l === first ? offset - l * bs : 0;
       const start = l * bs + bo - offset;
       const n = Math.min(bs - bo, length - start);
-      const p = this.resolve(snap, l);
+      const p = this.resolve(snap, l, deltas);
       if (p !== UNALLOCATED && p !== ZERO) {
         runs.add((p - 1) * bs + bo, start, n);
       } else if (p === UNALLOCATED && this.opts.base && l * bs + bo < this.opts.base.size) {
@@ -444,10 +454,11 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     const bs = this.meta.blockSize;
     const out: Extent[] = [];
     const end = offset + length;
+    const deltas = snap ? this.deltasNear(snap, Math.floor(offset / bs), Math.floor((end - 1) / bs)) : [];
     for (let l = Math.floor(offset / bs); l * bs < end; l++) {
       const s = Math.max(offset, l * bs);
       const e = Math.min(end, (l + 1) * bs);
-      const p = this.resolve(snap, l);
+      const p = this.resolve(snap, l, deltas);
       if (p === UNALLOCATED && this.opts.base) {
         for (const b of await this.opts.base.extents(s, e - s)) out.push(b);
       } else {
@@ -568,7 +579,9 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     this.table.bornAfter(a.gen, (l) => candidates.add(l));
     const size = Math.min(a.size, b ? b.size : this.meta.size);
     const changed: number[] = [];
-    for (const l of candidates) if (l * this.meta.blockSize < size && this.resolve(a, l) !== this.resolve(b, l)) changed.push(l);
+    const da = this.deltasNear(a, 0, MAX_BLOCKS);
+    const db = b ? this.deltasNear(b, 0, MAX_BLOCKS) : [];
+    for (const l of candidates) if (l * this.meta.blockSize < size && this.resolve(a, l, da) !== this.resolve(b, l, db)) changed.push(l);
     // Blocks past the older view's end count as changed when the newer one is larger.
     const bigger = b ? b.size : this.meta.size;
     const out = blocksToExtents(changed, this.meta.blockSize, size);
@@ -576,10 +589,10 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     return out;
   }
 
-  protected changedSince(from: string): (l: number) => boolean {
+  protected changedSince(from: string, first: number, last: number): (l: number) => boolean {
     const snap = this.snapByName(from);
-    const i = this.snaps.indexOf(snap);
-    return (l) => this.resolve(snap, l, i) !== this.table.ptr(l);
+    const deltas = this.deltasNear(snap, first, last);
+    return (l) => this.resolve(snap, l, deltas) !== this.table.ptr(l);
   }
 
   async resize(size: number): Promise<void> {

@@ -255,6 +255,11 @@ export abstract class Volume implements BlockLayer, ViewOps {
   }
 
   // ---- snapshot operations ----
+  /** A snapshot's status without building the whole list (every snapshot-export request asks); undefined if there is none. */
+  snapshotStatus(name: string): SnapshotInfo['status'] | undefined {
+    return this.snapshots().find((x) => x.name === name)?.status;
+  }
+
   findSnapshot(name: string): SnapshotInfo {
     const s = this.snapshots().find((x) => x.name === name);
     if (!s) throw new SnapshotError('ENOENT', `no snapshot named "${name}"`);
@@ -314,7 +319,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
     if (info.status !== 'valid') throw new SnapshotError('EINVAL', `snapshot "${from}" is ${info.status}: its changes are unknown`);
     const bs = this.blockSize;
     const end = Math.min(offset + length, offset + RANGE_BLOCKS * bs - (offset % bs));
-    const blockChanged = this.changedSince(from);
+    const blockChanged = this.changedSince(from, Math.floor(offset / bs), Math.floor((end - 1) / bs));
     const out: Array<{ length: number; changed: boolean }> = [];
     for (let at = offset; at < end; ) {
       const next = Math.min(end, (Math.floor(at / bs) + 1) * bs);
@@ -328,8 +333,8 @@ export abstract class Volume implements BlockLayer, ViewOps {
     return out;
   }
 
-  /** A test of whether live block l differs (or may differ) from what snapshot `from` holds. */
-  protected abstract changedSince(from: string): (l: number) => boolean;
+  /** A test of whether live block l (first <= l <= last) differs (or may differ) from what snapshot `from` holds. */
+  protected abstract changedSince(from: string, first: number, last: number): (l: number) => boolean;
 
   /** Changed extents between two points, clipped to the smaller size, for humans and NBD. */
   async changedExtents(from: string, to: string | undefined): Promise<ChangedExtent[]> {
@@ -357,9 +362,9 @@ export class SnapshotView implements BlockLayer {
   ) {}
 
   private valid(): void {
-    const s = this.volume.snapshots().find((x) => x.name === this.snapshot);
-    if (!s) throw new BlockError('EIO', `snapshot "${this.snapshot}" no longer exists`);
-    if (s.status !== 'valid') throw new BlockError('EIO', `snapshot "${this.snapshot}" is ${s.status}`);
+    const status = this.volume.snapshotStatus(this.snapshot);
+    if (!status) throw new BlockError('EIO', `snapshot "${this.snapshot}" no longer exists`);
+    if (status !== 'valid') throw new BlockError('EIO', `snapshot "${this.snapshot}" is ${status}`);
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
