@@ -10,7 +10,7 @@ import type { ExportProvider, MetaContextSource, OpenedExport } from '../nbd/exp
 import { createVolumeFiles, openVolume } from '../storage/factory.js';
 import { SnapshotError, type ChangedExtent, type SnapshotInfo, type SnapshotMode, type Volume } from '../storage/volume.js';
 import { readCatalog, writeCatalog, type Backend, type Catalog, type VolumeRecord, type VolumeReplication, type VolumeType } from './catalog.js';
-import { fsyncDir } from './atomic-file.js';
+import { ATOMIC_TMP, fsyncDir } from './atomic-file.js';
 import { PoolLock } from './lock.js';
 import { PoolError, validateName } from './names.js';
 
@@ -97,6 +97,8 @@ export class Pool implements ExportProvider {
   private constructor(
     readonly dir: string,
     private readonly log: Logger,
+    /** opened for `check` without --repair: nothing in the pool is written (see close) */
+    private readonly readOnly = false,
   ) {
     fs.mkdirSync(path.join(dir, 'volumes'), { recursive: true, mode: 0o700 });
     this.lock = PoolLock.acquire(path.join(dir, 'LOCK'));
@@ -108,11 +110,21 @@ export class Pool implements ExportProvider {
     }
   }
 
-  /** Open a pool and bring its files in line with the catalog after a crash. */
-  static async open(dir: string, opts: { log: Logger }): Promise<Pool> {
-    const pool = new Pool(path.resolve(dir), opts.log);
-    const report = await pool.checkFiles(true);
-    for (const r of report.repaired) opts.log.warn({ repair: r }, 'pool repaired on open');
+  /**
+   * Open a pool and bring its files in line with the catalog after a crash. `check` opens
+   * it with repairOnOpen: false, so that check() itself reports (or with --repair, names)
+   * what it finds; readOnly (check without --repair) also writes nothing on close.
+   */
+  static async open(dir: string, opts: { log: Logger; repairOnOpen?: boolean; readOnly?: boolean }): Promise<Pool> {
+    const pool = new Pool(path.resolve(dir), opts.log, opts.readOnly ?? false);
+    if (pool.readOnly || opts.repairOnOpen === false) return pool;
+    try {
+      const report = await pool.checkFiles(true);
+      for (const r of report.repaired) opts.log.warn({ repair: r }, 'pool repaired on open');
+    } catch (err) {
+      pool.lock.release();
+      throw err;
+    }
     return pool;
   }
 
@@ -284,15 +296,27 @@ export class Pool implements ExportProvider {
     return this.info(name);
   }
 
-  /** Data before pointer: the directory is complete before the catalog names it. */
+  /**
+   * Data before pointer: the directory is complete before the catalog names it. A create
+   * that fails part way (ENOSPC, EIO) removes what it made: nothing is left for `check`.
+   */
   private makeVolumeDir(rec: VolumeRecord, build: () => void): void {
     const final = path.join(this.dir, rec.dir);
     const tmp = `${final}.creating`;
+    if (fs.existsSync(final)) throw new PoolError('EEXIST', `volumes/${path.basename(final)} exists but is not in the catalog; run \`snapblock check --repair\` to remove it`);
     fs.rmSync(tmp, { recursive: true, force: true });
-    build();
-    fs.renameSync(tmp, final);
-    fsyncDir(path.join(this.dir, 'volumes'));
-    this.save({ ...this.catalog, volumes: { ...this.catalog.volumes, [rec.name]: rec } });
+    let renamed = false;
+    try {
+      build();
+      fs.renameSync(tmp, final);
+      renamed = true;
+      fsyncDir(path.join(this.dir, 'volumes'));
+      this.save({ ...this.catalog, volumes: { ...this.catalog.volumes, [rec.name]: rec } });
+    } catch (err) {
+      fs.rmSync(renamed ? final : tmp, { recursive: true, force: true });
+      if ((err as NodeJS.ErrnoException).code === 'ENOSPC') throw new PoolError('ENOSPC', `cannot create volume "${rec.name}": no space left on the pool's filesystem (nothing was kept; free space by deleting a volume or snapshot)`);
+      throw err;
+    }
   }
 
   async resize(name: string, size: number, opts: { force?: boolean } = {}): Promise<VolumeInfo> {
@@ -307,20 +331,83 @@ export class Pool implements ExportProvider {
     return this.info(name);
   }
 
-  async delete(name: string): Promise<void> {
+  /**
+   * Delete a volume and everything it holds. Refused (EBUSY, nothing changed) while clients
+   * are connected or clones read through its snapshots; with snapshots or an active
+   * replication pair only with force (which deletes the snapshots too and leaves the
+   * replication peer's copy alone).
+   */
+  async delete(name: string, opts: { force?: boolean } = {}): Promise<void> {
     const rec = this.record(name);
-    const n = this.connectionsTo(name);
-    if (n) throw new PoolError('EBUSY', `volume "${name}" has ${n} open connection(s); disconnect them first`);
-    const clones = Object.values(this.catalog.volumes).filter((c) => c.base?.volume === name);
-    if (clones.length) throw new PoolError('EBUSY', `volume "${name}" has clones (${clones.map((c) => c.name).join(', ')}); delete or flatten them first`);
+    this.refuseUnsafeDelete(rec, await this.snapshotNamesForDelete(name, opts.force ?? false), opts.force ?? false);
     const v = this.opened.get(name);
     this.opened.delete(name);
-    if (v) await (await v).close().catch(() => {});
-    // Pointer before data: once the catalog forgets it, the directory is an orphan removed on open.
-    const { [name]: _gone, ...rest } = this.catalog.volumes;
-    this.save({ ...this.catalog, volumes: rest });
-    fs.rmSync(path.join(this.dir, rec.dir), { recursive: true, force: true });
+    // No checkpoint for a volume about to vanish (and none could be written on a full disk).
+    if (v) await (await v).close({ discard: true }).catch((err) => this.log.warn({ volume: name, error: (err as Error).message }, 'closing a volume being deleted failed'));
+    this.removeVolumeDir(rec);
     this.log.info({ volume: name }, 'volume deleted');
+  }
+
+  /** The volume's snapshot names, or undefined when it cannot be opened and force says not to care. */
+  private async snapshotNamesForDelete(name: string, force: boolean): Promise<string[] | undefined> {
+    try {
+      return (await this.volume(name)).snapshots().map((s) => s.name);
+    } catch (err) {
+      if (force) return undefined;
+      throw new PoolError('EBUSY', `volume "${name}" cannot be opened to see whether it has snapshots (${(err as Error).message}); pass --force to delete it anyway`);
+    }
+  }
+
+  /** Throw one EBUSY naming every reason the delete is unsafe and what to run first. */
+  private refuseUnsafeDelete(rec: VolumeRecord, snapshots: string[] | undefined, force: boolean): void {
+    const name = rec.name;
+    const hard: string[] = [];
+    const soft: string[] = [];
+    const n = this.connectionsTo(name);
+    if (n) hard.push(`it has ${n} open connection(s) (NBD clients or a replication peer): disconnect them first`);
+    const clones = this.clonesOf(name);
+    if (clones.length) hard.push(`clones read through its snapshots (${clones.join(', ')}): delete them first (snapblock volume delete ${clones[0]})`);
+    const forceDoes: string[] = [];
+    if (!force && snapshots?.length) {
+      soft.push(`it has ${snapshots.length} snapshot(s) (${snapshots.join(', ')}): delete them first (snapblock snapshot delete ${name} ${snapshots[0]})`);
+      forceDoes.push('with its snapshots');
+    }
+    const r = rec.replication;
+    if (!force && r && r.state !== 'disabled') {
+      soft.push(`it is the ${r.role} of an active replication pair (${r.mode}${r.backendId ? `, backend ${r.backendId}` : ''}): run \`snapblock replication disable ${name}\` first`);
+      forceDoes.push('leaving the peer\'s copy as it is');
+    }
+    if (!hard.length && !soft.length) return;
+    const tail = hard.length ? '' : `; or pass --force to delete it ${forceDoes.join(', ')}`;
+    throw new PoolError('EBUSY', `refusing to delete volume "${name}": ${[...hard, ...soft].join('; ')}${tail}`);
+  }
+
+  private clonesOf(volume: string, snapshot?: string): string[] {
+    return Object.values(this.catalog.volumes)
+      .filter((c) => c.base?.volume === volume && (snapshot === undefined || c.base.snapshot === snapshot))
+      .map((c) => c.name);
+  }
+
+  /**
+   * Free space first, write the catalog after: on a full filesystem the catalog's temp file
+   * needs the space the volume held. The directory is first renamed to NAME.deleting (a
+   * rename needs no space), which marks the delete as decided; its files are removed, then
+   * the catalog forgets the volume, then the empty marker goes. A crash in between leaves a
+   * catalog entry whose directory is NAME.deleting, and opening the pool finishes the delete.
+   */
+  private removeVolumeDir(rec: VolumeRecord): void {
+    const volumes = path.join(this.dir, 'volumes');
+    const dir = path.join(this.dir, rec.dir);
+    const marker = deletingMarker(dir);
+    if (fs.existsSync(dir)) {
+      fs.rmSync(marker, { recursive: true, force: true });
+      fs.renameSync(dir, marker);
+      fsyncDir(volumes);
+    }
+    if (fs.existsSync(marker)) for (const f of fs.readdirSync(marker)) fs.rmSync(path.join(marker, f), { recursive: true, force: true });
+    const { [rec.name]: _gone, ...rest } = this.catalog.volumes;
+    this.save({ ...this.catalog, volumes: rest });
+    fs.rmSync(marker, { recursive: true, force: true });
   }
 
   // ---- snapshots and clones ----
@@ -340,9 +427,12 @@ export class Pool implements ExportProvider {
   async deleteSnapshot(volume: string, name: string): Promise<void> {
     const v = await this.volume(volume);
     v.findSnapshot(name);
-    const clones = Object.values(this.catalog.volumes).filter((c) => c.base?.volume === volume && c.base.snapshot === name);
-    if (clones.length) throw new PoolError('EBUSY', `snapshot "${volume}@${name}" has clones (${clones.map((c) => c.name).join(', ')}); delete them first`);
-    if (this.connections.get(`${volume}@${name}`)) throw new PoolError('EBUSY', `snapshot "${volume}@${name}" is exported to a connected client`);
+    // Not overridable: a clone reads every block it never wrote through this snapshot, so
+    // deleting it would silently change the clone's data (there is no flatten yet).
+    const clones = this.clonesOf(volume, name);
+    if (clones.length) throw new PoolError('EBUSY', `refusing to delete snapshot "${volume}@${name}": clones read through it (${clones.join(', ')}); delete them first (snapblock volume delete ${clones[0]})`);
+    const n = this.connections.get(`${volume}@${name}`);
+    if (n) throw new PoolError('EBUSY', `refusing to delete snapshot "${volume}@${name}": it is exported to ${n} connected client(s); disconnect them first`);
     await v.deleteSnapshot(name);
   }
 
@@ -449,36 +539,85 @@ export class Pool implements ExportProvider {
     return report;
   }
 
+  /**
+   * The pool's files against its catalog. What a crash or a failed command can leave (see
+   * docs/FORMAT.md, pool recovery) is reported, or with repair removed and named: a delete
+   * interrupted after its rename (finished), volume directories the catalog does not name
+   * (NAME.creating from a create, anything else), and temp files of atomic replacements.
+   * Writes nothing without repair; with repair it only removes, and writes the catalog
+   * after the space is free.
+   */
   private async checkFiles(repair: boolean): Promise<CheckReport> {
     const problems: string[] = [];
     const repaired: string[] = [];
     const volDir = path.join(this.dir, 'volumes');
     const known = new Set<string>();
+    const interrupted: VolumeRecord[] = [];
     for (const [key, rec] of Object.entries(this.catalog.volumes)) {
       if (key !== rec.name) problems.push(`catalog key "${key}" holds volume named "${rec.name}"`);
       known.add(path.basename(rec.dir));
+      const dir = path.join(this.dir, rec.dir);
       if (path.dirname(path.resolve(this.dir, rec.dir)) !== volDir) problems.push(`volume "${rec.name}": directory ${rec.dir} is outside the pool`);
-      else if (!fs.existsSync(path.join(this.dir, rec.dir))) problems.push(`volume "${rec.name}": directory ${rec.dir} is missing`);
+      else if (!fs.existsSync(dir) && fs.existsSync(deletingMarker(dir))) {
+        known.add(path.basename(deletingMarker(dir)));
+        interrupted.push(rec);
+      } else if (!fs.existsSync(dir)) problems.push(`volume "${rec.name}": directory ${rec.dir} is missing`);
       if (rec.base && !this.catalog.volumes[rec.base.volume]) problems.push(`volume "${rec.name}": clone parent "${rec.base.volume}" is missing`);
     }
-    for (const f of fs.readdirSync(volDir)) {
-      if (known.has(f)) continue;
+    for (const rec of interrupted) {
+      if (!repair) problems.push(`volume "${rec.name}": its delete was interrupted (${rec.dir}.deleting); run \`snapblock check --repair\` to finish it`);
+      else {
+        this.removeVolumeDir(rec);
+        repaired.push(`finished the interrupted delete of volume "${rec.name}"`);
+      }
+    }
+    const leftovers = [
+      ...fs.readdirSync(volDir).filter((f) => !known.has(f)).map((f) => ({ file: `volumes/${f}`, why: f.endsWith('.creating') ? 'left by a failed or interrupted create' : f.endsWith('.deleting') ? 'left by an interrupted delete' : 'not in the catalog' })),
+      ...this.atomicTempFiles().map((file) => ({ file, why: 'temp file of an interrupted metadata write' })),
+    ];
+    for (const { file, why } of leftovers) {
       if (repair) {
-        fs.rmSync(path.join(volDir, f), { recursive: true, force: true });
-        repaired.push(`removed orphan volumes/${f} (left by an interrupted create or delete)`);
-      } else problems.push(`orphan volumes/${f} is not in the catalog`);
+        fs.rmSync(path.join(this.dir, file), { recursive: true, force: true });
+        repaired.push(`removed ${file} (${why})`);
+      } else problems.push(`leftover ${file} (${why}); \`snapblock check --repair\` removes it`);
     }
     return { ok: problems.length === 0, problems, repaired };
   }
 
+  /**
+   * FILE.tmp-PID files in the pool and in volume directories. writeFileAtomic makes and
+   * renames (or removes) them inside one synchronous call, so any seen here is debris.
+   */
+  private atomicTempFiles(): string[] {
+    const dirs = ['.', ...Object.values(this.catalog.volumes).map((r) => r.dir)];
+    return dirs.flatMap((d) => {
+      try {
+        return fs.readdirSync(path.join(this.dir, d)).filter((f) => ATOMIC_TMP.test(f)).map((f) => path.join(d, f));
+      } catch {
+        return []; // a missing volume directory is reported above
+      }
+    });
+  }
+
   async close(): Promise<void> {
+    if (this.readOnly) {
+      // Closing a volume writes a new checkpoint (a new journal epoch), which a read-only
+      // check must not do (and cannot, on a full filesystem). Nothing was written through
+      // these volumes, so there is nothing to make durable: the one-shot process exits and
+      // its exit closes the files.
+      this.opened.clear();
+      this.lock.release();
+      return;
+    }
     // Clones first: they read through their parents' snapshots.
     const names = [...this.opened.keys()].sort((a, b) => Number(!!this.catalog.volumes[b]?.base) - Number(!!this.catalog.volumes[a]?.base));
     for (const name of names) {
       try {
         await (await this.opened.get(name)!).close();
       } catch (err) {
-        this.log.error({ err, volume: name }, 'closing volume failed');
+        // One line, no stack: on a full filesystem this is expected, and harmless (the close
+        // still released the files; the journal holds the state and the next open replays it).
+        this.log.error({ volume: name, error: (err as Error).message }, 'closing volume failed: its checkpoint was not written; the next open recovers from its journal');
       }
     }
     this.opened.clear();
@@ -510,6 +649,9 @@ function changedDescriptors(changed: ChangedExtent[], offset: number, length: nu
   push(end - at, 0);
   return out;
 }
+
+/** What a volume directory is renamed to while it is being deleted. */
+const deletingMarker = (dir: string) => `${dir}.deleting`;
 
 function checkSize(size: number): void {
   if (!Number.isSafeInteger(size) || size <= 0) throw new PoolError('EINVAL', `volume size must be a positive number of bytes, got ${size}`);
