@@ -12,7 +12,7 @@ import { SnapshotError, type ChangedExtent, type SnapshotInfo, type SnapshotMode
 import { readCatalog, writeCatalog, type Backend, type Catalog, type VolumeRecord, type VolumeReplication, type VolumeType } from './catalog.js';
 import { ATOMIC_TMP, fsyncDir } from './atomic-file.js';
 import { PoolLock } from './lock.js';
-import { PoolError, validateName } from './names.js';
+import { MAX_VOLUME_SIZE, PoolError, validateName, validateVolumeSize as checkSize } from './names.js';
 
 export interface VolumeInfo {
   name: string;
@@ -77,7 +77,7 @@ export function addBypassHook(h: BypassHook): void {
   bypassHooks.push(h);
 }
 
-export const MAX_VOLUME_SIZE = 2 ** 46; // 64 TiB: block indexes stay within u32 at 64 KiB blocks
+export { MAX_VOLUME_SIZE };
 export const SNAPSHOT_CONTEXT_PREFIX = 'snapblock:changed:';
 
 /**
@@ -339,13 +339,29 @@ export class Pool implements ExportProvider {
    */
   async delete(name: string, opts: { force?: boolean } = {}): Promise<void> {
     const rec = this.record(name);
-    this.refuseUnsafeDelete(rec, await this.snapshotNamesForDelete(name, opts.force ?? false), opts.force ?? false);
+    const wasOpen = this.opened.has(name);
+    try {
+      this.refuseUnsafeDelete(rec, await this.snapshotNamesForDelete(name, opts.force ?? false), opts.force ?? false);
+    } catch (err) {
+      if (!wasOpen) await this.closeUnchanged(name);
+      throw err;
+    }
     const v = this.opened.get(name);
     this.opened.delete(name);
     // No checkpoint for a volume about to vanish (and none could be written on a full disk).
     if (v) await (await v).close({ discard: true }).catch((err) => this.log.warn({ volume: name, error: (err as Error).message }, 'closing a volume being deleted failed'));
     this.removeVolumeDir(rec);
     this.log.info({ volume: name }, 'volume deleted');
+  }
+
+  /**
+   * Close a volume opened only to be looked at, without a checkpoint: nothing changed since
+   * its open wrote the state, and a refused command must not write (nor fail on a full disk).
+   */
+  private async closeUnchanged(name: string): Promise<void> {
+    const v = this.opened.get(name);
+    this.opened.delete(name);
+    await v?.then((x) => x.close({ discard: true })).catch(() => {});
   }
 
   /** The volume's snapshot names, or undefined when it cannot be opened and force says not to care. */
@@ -652,12 +668,6 @@ function changedDescriptors(changed: ChangedExtent[], offset: number, length: nu
 
 /** What a volume directory is renamed to while it is being deleted. */
 const deletingMarker = (dir: string) => `${dir}.deleting`;
-
-function checkSize(size: number): void {
-  if (!Number.isSafeInteger(size) || size <= 0) throw new PoolError('EINVAL', `volume size must be a positive number of bytes, got ${size}`);
-  if (size > MAX_VOLUME_SIZE) throw new PoolError('EINVAL', `volume size ${size} exceeds the maximum of ${MAX_VOLUME_SIZE} bytes`);
-  if (size % 512 !== 0) throw new PoolError('EINVAL', `volume size ${size} is not a multiple of 512 bytes`);
-}
 
 function checkBlockSize(bs: number): void {
   if (!Number.isInteger(bs) || bs < 4096 || bs > 4 * 1024 * 1024 || (bs & (bs - 1)) !== 0) {
