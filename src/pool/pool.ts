@@ -380,7 +380,7 @@ export class Pool implements ExportProvider {
     const hard: string[] = [];
     const soft: string[] = [];
     const n = this.connectionsTo(name);
-    if (n) hard.push(`it has ${n} open connection(s) (NBD clients or a replication peer): disconnect them first`);
+    if (n) hard.push(`it has ${n} open connection(s) (NBD clients): disconnect them first`);
     const clones = this.clonesOf(name);
     if (clones.length) hard.push(`clones read through its snapshots (${clones.join(', ')}): delete them first (snapblock volume delete ${clones[0]})`);
     const forceDoes: string[] = [];
