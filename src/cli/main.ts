@@ -33,7 +33,7 @@ async function call<T>(argv: Global, op: string, args: Record<string, unknown>, 
   await callFor(argv, op, args, human);
 }
 
-async function callFor<T>(argv: Global, op: string, args: Record<string, unknown>, human: (r: T) => string, opts: { repairOnOpen?: boolean; readOnly?: boolean } = {}): Promise<T> {
+async function callFor<T>(argv: Global, op: string, args: Record<string, unknown>, human: (r: T) => string, opts: { forCheck?: boolean } = {}): Promise<T> {
   // One-shot commands log only warnings unless asked: their result is on stdout.
   const level = argv['log-level'] === 'info' && !process.env.SNAPBLOCK_LOG_LEVEL ? 'warn' : argv['log-level'];
   const pool: PoolCaller = await connectPool(argv.pool, createLogger({ level }), opts);
@@ -222,7 +222,7 @@ export async function main(args: string[]): Promise<void> {
           'check',
           { repair: a.repair },
           (r) => [...r.repaired.map((x) => `repaired: ${x}`), ...r.problems.map((p) => `problem: ${p}`), r.ok ? 'pool OK' : `pool has ${r.problems.length} problem(s)`].join('\n'),
-          { repairOnOpen: false, readOnly: !a.repair },
+          { forCheck: true },
         );
         if (!report.ok) process.exitCode = 1;
       },

@@ -12,8 +12,8 @@ export interface PoolCaller {
   close(): Promise<void>;
 }
 
-/** opts apply with no server: how to open the pool (Pool.open; `check` repairs only through its operation). */
-export async function connectPool(dir: string, log: Logger, opts: { repairOnOpen?: boolean; readOnly?: boolean } = {}): Promise<PoolCaller> {
+/** opts apply with no server: how to open the pool (Pool.open). */
+export async function connectPool(dir: string, log: Logger, opts: { forCheck?: boolean } = {}): Promise<PoolCaller> {
   const client = new ControlClient(path.join(path.resolve(dir), 'control.sock'));
   if (await client.alive()) {
     return { live: true, call: (op, args) => client.request('POST', '/v1/call', { op, args: args ?? {} }), close: async () => {} };

@@ -97,8 +97,8 @@ export class Pool implements ExportProvider {
   private constructor(
     readonly dir: string,
     private readonly log: Logger,
-    /** opened for `check` without --repair: nothing in the pool is written (see close) */
-    private readonly readOnly = false,
+    /** opened by `check` in its own process: see open() */
+    private readonly forCheck = false,
   ) {
     fs.mkdirSync(path.join(dir, 'volumes'), { recursive: true, mode: 0o700 });
     this.lock = PoolLock.acquire(path.join(dir, 'LOCK'));
@@ -111,13 +111,14 @@ export class Pool implements ExportProvider {
   }
 
   /**
-   * Open a pool and bring its files in line with the catalog after a crash. `check` opens
-   * it with repairOnOpen: false, so that check() itself reports (or with --repair, names)
-   * what it finds; readOnly (check without --repair) also writes nothing on close.
+   * Open a pool and bring its files in line with the catalog after a crash. forCheck (the
+   * `check` command with no server running): no repair on open, so that check() reports
+   * what it finds (or with --repair removes it and names it), and check() closes the volumes
+   * it opened without a checkpoint, so that a check writes nothing it was not asked to.
    */
-  static async open(dir: string, opts: { log: Logger; repairOnOpen?: boolean; readOnly?: boolean }): Promise<Pool> {
-    const pool = new Pool(path.resolve(dir), opts.log, opts.readOnly ?? false);
-    if (pool.readOnly || opts.repairOnOpen === false) return pool;
+  static async open(dir: string, opts: { log: Logger; forCheck?: boolean }): Promise<Pool> {
+    const pool = new Pool(path.resolve(dir), opts.log, opts.forCheck ?? false);
+    if (pool.forCheck) return pool;
     try {
       const report = await pool.checkFiles(true);
       for (const r of report.repaired) opts.log.warn({ repair: r }, 'pool repaired on open');
@@ -293,7 +294,7 @@ export class Pool implements ExportProvider {
     if (type.replication) rec.replication = { ...type.replication, role: 'primary', state: 'enabled', changed: rec.created };
     this.makeVolumeDir(rec, () => createVolumeFiles(mode, path.join(this.dir, `${rec.dir}.creating`), { size, blockSize, cowReserve }));
     this.log.info({ volume: name, size, mode, blockSize }, 'volume created');
-    return this.info(name);
+    return this.openCreated(rec);
   }
 
   /**
@@ -314,8 +315,22 @@ export class Pool implements ExportProvider {
       this.save({ ...this.catalog, volumes: { ...this.catalog.volumes, [rec.name]: rec } });
     } catch (err) {
       fs.rmSync(renamed ? final : tmp, { recursive: true, force: true });
-      if ((err as NodeJS.ErrnoException).code === 'ENOSPC') throw new PoolError('ENOSPC', `cannot create volume "${rec.name}": no space left on the pool's filesystem (nothing was kept; free space by deleting a volume or snapshot)`);
-      throw err;
+      throw createFailed(rec.name, err);
+    }
+  }
+
+  /**
+   * The first open of a volume just made writes its journal's zeroes ahead (1 MiB): on a
+   * nearly full filesystem that is where a create fails. Then the create is undone, so a
+   * failed create leaves neither a catalog entry nor files.
+   */
+  private async openCreated(rec: VolumeRecord): Promise<VolumeInfo> {
+    try {
+      return await this.info(rec.name);
+    } catch (err) {
+      await this.closeUnchanged(rec.name);
+      this.removeVolumeDir(rec);
+      throw createFailed(rec.name, err);
     }
   }
 
@@ -482,7 +497,7 @@ export class Pool implements ExportProvider {
     const rec: VolumeRecord = { name, created: new Date().toISOString(), dir: path.join('volumes', name), mode: 'row', blockSize, cowReserve: src.cowReserve, base: { volume, snapshot } };
     this.makeVolumeDir(rec, () => createVolumeFiles('row', path.join(this.dir, `${rec.dir}.creating`), { size: snap.size, blockSize, cowReserve: src.cowReserve }));
     this.log.info({ volume: name, from: `${volume}@${snapshot}` }, 'clone created');
-    return this.info(name);
+    return this.openCreated(rec);
   }
 
   async diff(volume: string, from: string, to?: string): Promise<ChangedExtent[]> {
@@ -551,6 +566,9 @@ export class Pool implements ExportProvider {
         report.problems.push(`volume "${name}": cannot be opened: ${(err as Error).message}`);
       }
     }
+    // Only in check's own process: no client can have opened these volumes meanwhile.
+    // Clones first: they read through their parents' snapshots.
+    if (this.forCheck) for (const name of this.clonesFirst()) await this.closeUnchanged(name);
     report.ok = report.problems.length === 0;
     return report;
   }
@@ -615,19 +633,13 @@ export class Pool implements ExportProvider {
     });
   }
 
+  /** The open volumes, clones before the rest: clones read through their parents' snapshots. */
+  private clonesFirst(): string[] {
+    return [...this.opened.keys()].sort((a, b) => Number(!!this.catalog.volumes[b]?.base) - Number(!!this.catalog.volumes[a]?.base));
+  }
+
   async close(): Promise<void> {
-    if (this.readOnly) {
-      // Closing a volume writes a new checkpoint (a new journal epoch), which a read-only
-      // check must not do (and cannot, on a full filesystem). Nothing was written through
-      // these volumes, so there is nothing to make durable: the one-shot process exits and
-      // its exit closes the files.
-      this.opened.clear();
-      this.lock.release();
-      return;
-    }
-    // Clones first: they read through their parents' snapshots.
-    const names = [...this.opened.keys()].sort((a, b) => Number(!!this.catalog.volumes[b]?.base) - Number(!!this.catalog.volumes[a]?.base));
-    for (const name of names) {
+    for (const name of this.clonesFirst()) {
       try {
         await (await this.opened.get(name)!).close();
       } catch (err) {
@@ -664,6 +676,12 @@ function changedDescriptors(changed: ChangedExtent[], offset: number, length: nu
   }
   push(end - at, 0);
   return out;
+}
+
+/** A create that failed and was undone: ENOSPC as a one-line PoolError that says what to do. */
+function createFailed(name: string, err: unknown): Error {
+  if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') return err as Error;
+  return new PoolError('ENOSPC', `cannot create volume "${name}": no space left on the pool's filesystem (nothing was kept; free space by deleting a volume or snapshot)`);
 }
 
 /** What a volume directory is renamed to while it is being deleted. */

@@ -637,6 +637,8 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   async close(opts: CloseOptions = {}): Promise<void> {
     if (this.closed) return;
     try {
+      // Punches first: on a full filesystem the checkpoint needs the space they return.
+      await this.punching;
       if (!opts.discard) await this.quiesce(() => this.checkpoint());
       await this.punching;
     } finally {
