@@ -225,9 +225,9 @@ describe('guarded destruction', () => {
     expect(run(['snapshot', 'create', 'p', 's']).status).toBe(0);
     refused(run(['volume', 'delete', 'p']), /refusing to delete volume "p": it has 1 snapshot\(s\) \(s\): delete them first \(snapblock snapshot delete p s\); or pass --force/);
     expect(run(['volume', 'clone', 'p', 's', 'c']).status).toBe(0);
-    refused(run(['volume', 'delete', 'p']), /clones read through its snapshots \(c\): delete them first \(snapblock volume delete c\)/);
-    refused(run(['volume', 'delete', 'p', '--force']), /clones read through its snapshots \(c\)/); // --force never breaks a clone
-    refused(run(['snapshot', 'delete', 'p', 's']), /refusing to delete snapshot "p@s": clones read through it \(c\); delete them first/);
+    refused(run(['volume', 'delete', 'p']), /it has clones \(c\) that read through its snapshots: delete them first \(snapblock volume delete c\)/);
+    refused(run(['volume', 'delete', 'p', '--force']), /it has clones \(c\)/); // --force never breaks a clone
+    refused(run(['snapshot', 'delete', 'p', 's']), /refusing to delete snapshot "p@s": it has clones \(c\) that read through it; delete them first/);
     expect(JSON.parse(run(['--json', 'snapshot', 'list', 'p']).stdout).map((x: { name: string }) => x.name)).toEqual(['s']);
     expect(run(['volume', 'delete', 'c']).status).toBe(0);
     expect(run(['volume', 'delete', 'p', '--force']).status).toBe(0);

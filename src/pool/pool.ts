@@ -397,7 +397,7 @@ export class Pool implements ExportProvider {
     const n = this.connectionsTo(name);
     if (n) hard.push(`it has ${n} open connection(s) (NBD clients): disconnect them first`);
     const clones = this.clonesOf(name);
-    if (clones.length) hard.push(`clones read through its snapshots (${clones.join(', ')}): delete them first (snapblock volume delete ${clones[0]})`);
+    if (clones.length) hard.push(`it has clones (${clones.join(', ')}) that read through its snapshots: delete them first (snapblock volume delete ${clones[0]})`);
     const forceDoes: string[] = [];
     if (!force && snapshots?.length) {
       soft.push(`it has ${snapshots.length} snapshot(s) (${snapshots.join(', ')}): delete them first (snapblock snapshot delete ${name} ${snapshots[0]})`);
@@ -461,7 +461,7 @@ export class Pool implements ExportProvider {
     // Not overridable: a clone reads every block it never wrote through this snapshot, so
     // deleting it would silently change the clone's data (there is no flatten yet).
     const clones = this.clonesOf(volume, name);
-    if (clones.length) throw new PoolError('EBUSY', `refusing to delete snapshot "${volume}@${name}": clones read through it (${clones.join(', ')}); delete them first (snapblock volume delete ${clones[0]})`);
+    if (clones.length) throw new PoolError('EBUSY', `refusing to delete snapshot "${volume}@${name}": it has clones (${clones.join(', ')}) that read through it; delete them first (snapblock volume delete ${clones[0]})`);
     const n = this.connections.get(`${volume}@${name}`);
     if (n) throw new PoolError('EBUSY', `refusing to delete snapshot "${volume}@${name}": it is exported to ${n} connected client(s); disconnect them first`);
     await v.deleteSnapshot(name);
