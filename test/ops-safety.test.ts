@@ -186,15 +186,20 @@ describe('a full filesystem', () => {
     expect(JSON.parse(again.cli(['--json', 'check']).stdout)).toEqual({ ok: true, problems: [], repaired: [] });
   });
 
-  it('live: delete through the control API frees the space at once, while the server runs', async () => {
-    const fsDir = smallFilesystem('tmpfs', '32m');
+  it('live: snapshot delete and volume delete through the control API free the space at once, while the server runs', async () => {
+    const fsDir = smallFilesystem('tmpfs', '40m');
     const pool = path.join(fsDir, 'pool');
     ok(pool, ['volume', 'create', 'big', '12M']);
     const s = await serve(pool);
     fill8(unix(s, 'big'), 7, 0, 12 * MiB);
+    ok(pool, ['snapshot', 'create', 'big', 'before']);
+    fill8(unix(s, 'big'), 8, 0, 4 * MiB);
     fill(fsDir);
     refused(s.cli(['volume', 'create', 'more', '1M']), /cannot create volume "more": no space left/);
     expect(fs.readdirSync(path.join(pool, 'volumes'))).toEqual(['big']);
+    ok(pool, ['snapshot', 'delete', 'big', 'before']);
+    await expect.poll(() => freeBytes(fsDir), { timeout: 10_000 }).toBeGreaterThanOrEqual(4 * MiB);
+    fill(fsDir);
     const del = s.cli(['volume', 'delete', 'big']);
     expect(del.status, del.stderr).toBe(0);
     expect(freeBytes(fsDir)).toBeGreaterThanOrEqual(12 * MiB); // the server released its files
