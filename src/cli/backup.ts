@@ -252,15 +252,15 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
     .demandCommand(1, 'name a backup command: create, list, show, delete, restore, verify or gc');
 }
 
-/** Copy stdin into a private temp file ($TMPDIR), so it can be read more than once. */
-async function spoolStdin(): Promise<string> {
+/** Copy a stream that can be read only once (stdin, a pipe) into a private temp file in $TMPDIR. */
+async function spool(input: NodeJS.ReadableStream, what: string): Promise<string> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapblock-import-'));
-  const file = path.join(dir, 'stdin.diff');
+  const file = path.join(dir, 'input.diff');
   try {
-    await pipeline(process.stdin, fs.createWriteStream(file, { mode: 0o600 }));
+    await pipeline(input, fs.createWriteStream(file, { mode: 0o600 }));
   } catch (err) {
     fs.rmSync(dir, { recursive: true, force: true });
-    throw new Error(`reading the diff from stdin into ${dir} failed: ${(err as Error).message}`);
+    throw new Error(`reading the diff from ${what} into ${dir} failed: ${(err as Error).message}`);
   }
   return file;
 }
@@ -319,14 +319,15 @@ export const backupCommandModules: CommandModule<Global, Global>[] = [
     handler: async (a) => {
       const args = a as unknown as Global & TlsArgs & { file: string; volume: string };
       const server = await poolServer(args.pool, tlsFrom(args));
-      // The stream is read twice (checked whole, then applied): stdin is kept in a temp file.
+      // The stream is read twice (checked whole, then applied): stdin or a pipe is kept in a temp file.
       const fromStdin = args.file === '-' || args.file === '';
-      const file = fromStdin ? await spoolStdin() : args.file;
+      const spooled = fromStdin || !fs.statSync(args.file).isFile();
+      const file = fromStdin ? await spool(process.stdin, 'stdin') : spooled ? await spool(fs.createReadStream(args.file), args.file) : args.file;
       let r;
       try {
         r = await (await import('../backup/rbd-diff.js')).importDiff(server, args.volume, () => fs.createReadStream(file, { highWaterMark: 1 << 20 }));
       } finally {
-        if (fromStdin) fs.rmSync(path.dirname(file), { recursive: true, force: true });
+        if (spooled) fs.rmSync(path.dirname(file), { recursive: true, force: true });
       }
       out(args.json ? JSON.stringify(r, null, 2) : `imported into ${args.volume}${r.from ? ` (from ${r.from})` : ''}: ${r.dataRecords} data records (${mib(r.dataBytes)}), ${r.zeroRecords} zero records${r.snapshotCreated ? `; created snapshot ${args.volume}@${r.snapshotCreated}` : ''}`);
     },
