@@ -73,10 +73,22 @@ describe('offline pool', () => {
     expect(cli(pool, ['check']).stdout).toMatch(/pool OK/);
     fs.writeFileSync(path.join(pool, 'volumes', 'stray.img'), 'x');
     fs.mkdirSync(path.join(pool, 'volumes', 'half.creating'));
-    // Opening the pool removes what an interrupted create or delete left, and says so.
+    // check reports what an interrupted create or delete left and changes nothing ...
     const r = cli(pool, ['--json', 'check']);
-    expect(JSON.parse(r.stdout)).toEqual({ ok: true, problems: [], repaired: [] });
-    expect(r.stderr).toMatch(/removed orphan volumes\/stray.img/);
+    expect(r.status).toBe(1);
+    expect(JSON.parse(r.stdout)).toEqual({
+      ok: false,
+      problems: [
+        'leftover volumes/half.creating (left by a failed or interrupted create); `snapblock check --repair` removes it',
+        'leftover volumes/stray.img (not in the catalog); `snapblock check --repair` removes it',
+      ],
+      repaired: [],
+    });
+    expect(fs.readdirSync(path.join(pool, 'volumes')).sort()).toEqual(['half.creating', 'stray.img', 'v2']);
+    // ... check --repair removes it and says so
+    const fixed = cli(pool, ['--json', 'check', '--repair']);
+    expect(fixed.status).toBe(0);
+    expect(JSON.parse(fixed.stdout).repaired).toEqual(['removed volumes/half.creating (left by a failed or interrupted create)', 'removed volumes/stray.img (not in the catalog)']);
     expect(fs.readdirSync(path.join(pool, 'volumes')).sort()).toEqual(['v2']);
     fs.rmSync(path.join(pool, 'volumes', 'v2', 'checkpoint'));
     const bad = cli(pool, ['check']);

@@ -11,7 +11,8 @@
 //
 // Like rbd, import checks that the from-snapshot exists on the target and the
 // to-snapshot does not, resizes the target to 's', applies the records and then
-// creates the to-snapshot.
+// creates the to-snapshot. Unlike rbd, it first reads the whole stream and checks it
+// (and that snapblock can create the to-snapshot): a refused import changes nothing.
 import type { Readable, Writable } from 'node:stream';
 import { once } from 'node:events';
 import type { NbdClient } from '../nbd/client.js';
@@ -19,6 +20,7 @@ import type { Range } from './manifest.js';
 import { intersect, subtract } from './ranges.js';
 import { connectNbd, readMap, readRange, writeRange, zeroRange, ZERO, type PoolServer } from './source.js';
 import { mergeRanges } from './manifest.js';
+import { validateName, validateVolumeSize } from '../pool/names.js';
 
 export const RBD_DIFF_V1 = Buffer.from('rbd diff v1\n');
 const RBD_DIFF_V2 = Buffer.from('rbd diff v2\n');
@@ -256,11 +258,98 @@ export interface ImportDiffResult {
   snapshotCreated: string | null;
 }
 
-/** Apply an rbd diff v1 stream to VOLUME (through its NBD export), then create the to-snapshot. */
-export async function importDiff(server: PoolServer, volume: string, input: Readable): Promise<ImportDiffResult> {
+/** What a full pass over a stream found, before anything is applied. */
+export interface DiffPlan {
+  from: string | null;
+  to: string | null;
+  size: number | null;
+  /** end of the furthest 'w' or 'z' record */
+  extentEnd: number;
+  dataRecords: number;
+  dataBytes: number;
+  zeroRecords: number;
+  zeroBytes: number;
+}
+
+/**
+ * Read a whole stream without applying it: the banner, every record, metadata before data,
+ * and the closing 'e'. A damaged or truncated stream fails here, before the volume changes.
+ */
+export async function scanDiff(input: Readable): Promise<DiffPlan> {
   const rd = new DiffReader(input);
   await rd.header();
-  const res: ImportDiffResult = { volume, from: null, to: null, size: null, resized: false, dataRecords: 0, dataBytes: 0, zeroRecords: 0, zeroBytes: 0, snapshotCreated: null };
+  const plan: DiffPlan = { from: null, to: null, size: null, extentEnd: 0, dataRecords: 0, dataBytes: 0, zeroRecords: 0, zeroBytes: 0 };
+  let rec = await rd.next();
+  for (; rec.tag === 'f' || rec.tag === 't' || rec.tag === 's'; rec = await rd.next()) {
+    if (rec.tag === 'f') plan.from = rec.name;
+    else if (rec.tag === 't') plan.to = rec.name;
+    else plan.size = rec.size;
+  }
+  for (; rec.tag !== 'e'; rec = await rd.next()) {
+    if (rec.tag === 'f' || rec.tag === 't' || rec.tag === 's') throw new Error(`rbd diff: '${rec.tag}' metadata record after data records`);
+    plan.extentEnd = Math.max(plan.extentEnd, rec.offset + rec.length);
+    if (rec.tag === 'w') {
+      for await (const _piece of rd.data(rec.length)) {
+        /* only its length matters here */
+      }
+      plan.dataRecords++;
+      plan.dataBytes += rec.length;
+    } else {
+      plan.zeroRecords++;
+      plan.zeroBytes += rec.length;
+    }
+  }
+  return plan;
+}
+
+/** Everything the target must satisfy, checked before the first write (rbd's checks and snapblock's own). */
+async function checkTarget(server: PoolServer, volume: string, plan: DiffPlan): Promise<{ size: number }> {
+  const info = await server.volumeInfo(volume);
+  if (plan.to !== null) {
+    try {
+      validateName('snapshot', plan.to);
+    } catch (err) {
+      throw new Error(`end snapshot: ${(err as Error).message}; snapblock cannot create it, aborting`);
+    }
+  }
+  const snaps = await server.snapshots(volume);
+  if (plan.from !== null && !snaps.some((s) => s.name === plan.from)) throw new Error(`start snapshot '${plan.from}' does not exist in volume ${volume}, aborting`);
+  if (plan.to !== null && snaps.some((s) => s.name === plan.to)) throw new Error(`end snapshot '${plan.to}' already exists in volume ${volume}, aborting`);
+  const size = plan.size ?? info.size;
+  if (plan.size !== null) validateVolumeSize(plan.size);
+  if (plan.extentEnd > size) throw new Error(`rbd diff: records reach byte ${plan.extentEnd}, past the end of ${volume} (${size} bytes), aborting`);
+  return { size };
+}
+
+/**
+ * Apply an rbd diff v1 stream to VOLUME (through its NBD export), then create the
+ * to-snapshot. open() gives the stream from its start; it is read twice: a first pass
+ * checks all of it (scanDiff) and the target (checkTarget), so a stream that is damaged,
+ * truncated or names what snapblock cannot create is refused with the volume unchanged.
+ * Only a failure while applying (an IO error, the server going away) leaves it changed,
+ * and the error says how far the import got.
+ */
+export async function importDiff(server: PoolServer, volume: string, open: () => Readable): Promise<ImportDiffResult> {
+  let plan: DiffPlan;
+  let size: number;
+  try {
+    plan = await scanDiff(open());
+    ({ size } = await checkTarget(server, volume, plan));
+  } catch (err) {
+    throw new Error(`${(err as Error).message}; ${volume} was not changed`);
+  }
+  const res: ImportDiffResult = { volume, from: plan.from, to: plan.to, size: plan.size, resized: false, dataRecords: 0, dataBytes: 0, zeroRecords: 0, zeroBytes: 0, snapshotCreated: null };
+  try {
+    return await applyDiff(server, volume, open(), size, res);
+  } catch (err) {
+    const done = res.resized || res.dataRecords || res.zeroRecords ? `; ${volume} was already changed (${res.resized ? `resized to ${size} bytes, ` : ''}${res.dataBytes} bytes written, ${res.zeroBytes} zeroed) and no snapshot was created` : `; ${volume} was not changed`;
+    throw new Error(`import-diff failed: ${(err as Error).message}${done}`);
+  }
+}
+
+async function applyDiff(server: PoolServer, volume: string, input: Readable, size: number, res: ImportDiffResult): Promise<ImportDiffResult> {
+  const rd = new DiffReader(input);
+  await rd.header();
   let nbd: NbdClient | undefined;
   const inflight = new Set<Promise<void>>();
   let failed: unknown;
@@ -274,26 +363,16 @@ export async function importDiff(server: PoolServer, volume: string, input: Read
   };
   try {
     let rec = await rd.next();
-    while (rec.tag === 'f' || rec.tag === 't' || rec.tag === 's') {
-      if (rec.tag === 'f') res.from = rec.name;
-      else if (rec.tag === 't') res.to = rec.name;
-      else res.size = rec.size;
-      rec = await rd.next();
-    }
-    // rbd's checks, before anything is written
-    const snaps = await server.snapshots(volume);
-    if (res.from !== null && !snaps.some((s) => s.name === res.from)) throw new Error(`start snapshot '${res.from}' does not exist in volume ${volume}, aborting`);
-    if (res.to !== null && snaps.some((s) => s.name === res.to)) throw new Error(`end snapshot '${res.to}' already exists in volume ${volume}, aborting`);
-    const info = await server.volumeInfo(volume);
-    if (res.size !== null && res.size !== info.size) {
-      await server.resizeVolume(volume, res.size, true);
+    while (rec.tag === 'f' || rec.tag === 't' || rec.tag === 's') rec = await rd.next();
+    if ((await server.volumeInfo(volume)).size !== size) {
+      await server.resizeVolume(volume, size, true);
       res.resized = true;
     }
     nbd = await connectNbd(server.address(volume));
-    const size = nbd.size;
+    if (nbd.size !== size) throw new Error(`${volume} has ${nbd.size} bytes, the diff needs ${size}`);
     for (; rec.tag !== 'e'; rec = await rd.next()) {
-      if (rec.tag === 'f' || rec.tag === 't' || rec.tag === 's') throw new Error(`rbd diff: '${rec.tag}' metadata record after data records`);
-      if (rec.offset + rec.length > size) throw new Error(`rbd diff: '${rec.tag}' record [${rec.offset}, +${rec.length}) lies past the end of ${volume} (${size} bytes)`);
+      // The first pass checked all of this; a stream that changed since is caught anyway.
+      if (rec.tag === 'f' || rec.tag === 't' || rec.tag === 's' || rec.offset + rec.length > size) throw new Error('the stream changed between the check and the import');
       if (rec.tag === 'w') {
         let at = rec.offset;
         for await (const piece of rd.data(rec.length)) {

@@ -2,7 +2,9 @@
 // sidecar. These commands run in their own process and talk to a running
 // `snapblock serve` only through its control API and NBD exports.
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { pipeline } from 'node:stream/promises';
 import type { Argv, CommandModule } from 'yargs';
 import { formatSize, parseSize } from '../pool/size.js';
 import { DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY } from '../backup/defaults.js';
@@ -250,6 +252,19 @@ function backupCommands(y: Argv<Global>): Argv<Global> {
     .demandCommand(1, 'name a backup command: create, list, show, delete, restore, verify or gc');
 }
 
+/** Copy a stream that can be read only once (stdin, a pipe) into a private temp file in $TMPDIR. */
+async function spool(input: NodeJS.ReadableStream, what: string): Promise<string> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapblock-import-'));
+  const file = path.join(dir, 'input.diff');
+  try {
+    await pipeline(input, fs.createWriteStream(file, { mode: 0o600 }));
+  } catch (err) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw new Error(`reading the diff from ${what} into ${dir} failed: ${(err as Error).message}`);
+  }
+  return file;
+}
+
 function parseVolSnap(s: string): { volume: string; snapshot: string } {
   const at = s.indexOf('@');
   if (at <= 0 || at === s.length - 1) throw new Error(`"${s}": name a snapshot as VOLUME@SNAPSHOT`);
@@ -299,13 +314,21 @@ export const backupCommandModules: CommandModule<Global, Global>[] = [
   },
   {
     command: 'import-diff <file> <volume>',
-    describe: 'apply an `rbd export-diff` v1 stream (FILE or - for stdin) to VOLUME and create its to-snapshot',
+    describe: 'apply an `rbd export-diff` v1 stream (FILE or - for stdin) to VOLUME and create its to-snapshot; the whole stream is checked first (stdin is kept in $TMPDIR meanwhile), so a refused import changes nothing',
     builder: (y) => tlsArgs(y as Argv<Global>).positional('file', { type: 'string', demandOption: true }).positional('volume', { type: 'string', demandOption: true }) as unknown as Argv<Global>,
     handler: async (a) => {
       const args = a as unknown as Global & TlsArgs & { file: string; volume: string };
       const server = await poolServer(args.pool, tlsFrom(args));
-      const input = args.file === '-' || args.file === '' ? process.stdin : fs.createReadStream(args.file, { highWaterMark: 1 << 20 });
-      const r = await (await import('../backup/rbd-diff.js')).importDiff(server, args.volume, input);
+      // The stream is read twice (checked whole, then applied): stdin or a pipe is kept in a temp file.
+      const fromStdin = args.file === '-' || args.file === '';
+      const spooled = fromStdin || !fs.statSync(args.file).isFile();
+      const file = fromStdin ? await spool(process.stdin, 'stdin') : spooled ? await spool(fs.createReadStream(args.file), args.file) : args.file;
+      let r;
+      try {
+        r = await (await import('../backup/rbd-diff.js')).importDiff(server, args.volume, () => fs.createReadStream(file, { highWaterMark: 1 << 20 }));
+      } finally {
+        if (spooled) fs.rmSync(path.dirname(file), { recursive: true, force: true });
+      }
       out(args.json ? JSON.stringify(r, null, 2) : `imported into ${args.volume}${r.from ? ` (from ${r.from})` : ''}: ${r.dataRecords} data records (${mib(r.dataBytes)}), ${r.zeroRecords} zero records${r.snapshotCreated ? `; created snapshot ${args.volume}@${r.snapshotCreated}` : ''}`);
     },
   },

@@ -33,10 +33,10 @@ async function call<T>(argv: Global, op: string, args: Record<string, unknown>, 
   await callFor(argv, op, args, human);
 }
 
-async function callFor<T>(argv: Global, op: string, args: Record<string, unknown>, human: (r: T) => string): Promise<T> {
+async function callFor<T>(argv: Global, op: string, args: Record<string, unknown>, human: (r: T) => string, opts: { forCheck?: boolean } = {}): Promise<T> {
   // One-shot commands log only warnings unless asked: their result is on stdout.
   const level = argv['log-level'] === 'info' && !process.env.SNAPBLOCK_LOG_LEVEL ? 'warn' : argv['log-level'];
-  const pool: PoolCaller = await connectPool(argv.pool, createLogger({ level }));
+  const pool: PoolCaller = await connectPool(argv.pool, createLogger({ level }), opts);
   try {
     const result = await pool.call<T>(op, args);
     out(argv.json ? JSON.stringify(result, null, 2) : human(result));
@@ -76,7 +76,15 @@ function volumeCommands(y: Argv<Global>): Argv<Global> {
           .option('force', { type: 'boolean', default: false, describe: 'allow shrinking, which discards data past the new end' }),
       (a) => call<VolumeInfo>(a, 'volume.resize', { name: a.name, size: parseSize(a.size), force: a.force }, (v) => `resized volume ${v.name} to ${formatSize(v.size)}`),
     )
-    .command(['delete <name>', 'rm <name>'], 'delete a volume and its data', (a) => a.positional('name', { type: 'string', demandOption: true }), (a) => call(a, 'volume.delete', { name: a.name }, () => `deleted volume ${a.name}`))
+    .command(
+      ['delete <name>', 'rm <name>'],
+      'delete a volume and its data (refused while it has snapshots, clones, an active replication pair or connected clients)',
+      (a) =>
+        a
+          .positional('name', { type: 'string', demandOption: true })
+          .option('force', { type: 'boolean', default: false, describe: 'also when it has snapshots (deleted with it) or an active replication pair (the peer keeps its copy); never with clones or connected clients' }),
+      (a) => call(a, 'volume.delete', { name: a.name, force: a.force }, () => `deleted volume ${a.name}`),
+    )
     .command(
       'clone <volume> <snapshot> <name>',
       'create a writable volume from a snapshot',
@@ -100,7 +108,7 @@ function snapshotCommands(y: Argv<Global>): Argv<Global> {
         return snapshotTable([s]);
       }),
     )
-    .command(['delete <volume> <name>', 'rm <volume> <name>'], 'delete a snapshot and free what only it holds', vs, (a) => call(a, 'snapshot.delete', { volume: a.volume, name: a.name }, () => `deleted snapshot ${a.volume}@${a.name}`))
+    .command(['delete <volume> <name>', 'rm <volume> <name>'], 'delete a snapshot and free what only it holds (refused while a clone reads through it or a client is connected to it; there is no --force: the clone would lose data)', vs, (a) => call(a, 'snapshot.delete', { volume: a.volume, name: a.name }, () => `deleted snapshot ${a.volume}@${a.name}`))
     .command(
       'rollback <volume> <name>',
       'make the volume read exactly as the snapshot (newer snapshots are kept)',
@@ -207,10 +215,14 @@ export async function main(args: string[]): Promise<void> {
     .command(
       'check',
       'verify the pool and every volume against the format invariants (docs/FORMAT.md)',
-      (a) => a.option('repair', { type: 'boolean', default: false, describe: 'fix what recovery may fix (orphans)' }),
+      (a) => a.option('repair', { type: 'boolean', default: false, describe: 'remove what failed or interrupted commands left (NAME.creating, NAME.deleting, *.tmp-PID, orphans) and finish interrupted deletes; without it check writes nothing' }),
       async (a) => {
-        const report = await callFor<CheckReport>(a, 'check', { repair: a.repair }, (r) =>
-          [...r.repaired.map((x) => `repaired: ${x}`), ...r.problems.map((p) => `problem: ${p}`), r.ok ? 'pool OK' : `pool has ${r.problems.length} problem(s)`].join('\n'),
+        const report = await callFor<CheckReport>(
+          a,
+          'check',
+          { repair: a.repair },
+          (r) => [...r.repaired.map((x) => `repaired: ${x}`), ...r.problems.map((p) => `problem: ${p}`), r.ok ? 'pool OK' : `pool has ${r.problems.length} problem(s)`].join('\n'),
+          { forCheck: true },
         );
         if (!report.ok) process.exitCode = 1;
       },

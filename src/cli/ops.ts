@@ -12,12 +12,13 @@ export interface PoolCaller {
   close(): Promise<void>;
 }
 
-export async function connectPool(dir: string, log: Logger): Promise<PoolCaller> {
+/** opts apply with no server: how to open the pool (Pool.open). */
+export async function connectPool(dir: string, log: Logger, opts: { forCheck?: boolean } = {}): Promise<PoolCaller> {
   const client = new ControlClient(path.join(path.resolve(dir), 'control.sock'));
   if (await client.alive()) {
     return { live: true, call: (op, args) => client.request('POST', '/v1/call', { op, args: args ?? {} }), close: async () => {} };
   }
-  const pool = await Pool.open(dir, { log });
+  const pool = await Pool.open(dir, { log, ...opts });
   return {
     live: false,
     call: async <T>(op: string, args?: unknown) => (await runOperation(pool, op, args)) as T,

@@ -31,7 +31,10 @@ export const operations = {
     run: (p: Pool, a: { name: string; size: number; mode?: 'row' | 'cow' | 'mirror'; blockSize?: number; cowReserve?: number; type?: string }) => p.create(a.name, a.size, a),
   },
   'volume.resize': { args: z.object({ name, size: bytes, force: z.boolean().optional() }), run: (p: Pool, a: { name: string; size: number; force?: boolean }) => p.resize(a.name, a.size, a) },
-  'volume.delete': { args: z.object({ name }), run: async (p: Pool, a: { name: string }) => (await p.delete(a.name), { deleted: a.name }) },
+  'volume.delete': {
+    args: z.object({ name, force: z.boolean().optional() }),
+    run: async (p: Pool, a: { name: string; force?: boolean }) => (await p.delete(a.name, a), { deleted: a.name }),
+  },
   'volume.clone': {
     args: z.object({ volume: name, snapshot: name, name }),
     run: (p: Pool, a: { volume: string; snapshot: string; name: string }) => p.clone(a.volume, a.snapshot, a.name),

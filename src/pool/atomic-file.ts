@@ -3,16 +3,26 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
+/** The temp files writeFileAtomic uses: FILE.tmp-PID (what `check --repair` recognises as debris). */
+export const ATOMIC_TMP = /\.tmp-\d+$/;
+
 export function writeFileAtomic(file: string, data: string | Buffer): void {
   const tmp = `${file}.tmp-${process.pid}`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
   try {
-    fs.writeFileSync(fd, data);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
+    const fd = fs.openSync(tmp, 'w', 0o600);
+    try {
+      fs.writeFileSync(fd, data);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    // A failed write (ENOSPC, EIO) must not leave its half-written temp file behind:
+    // on a full filesystem that is the very space the next attempt needs.
+    fs.rmSync(tmp, { force: true });
+    throw err;
   }
-  fs.renameSync(tmp, file);
   fsyncDir(path.dirname(file));
 }
 

@@ -24,3 +24,13 @@ export class PoolError extends Error {
     this.name = 'PoolError';
   }
 }
+
+export const MAX_VOLUME_SIZE = 2 ** 46; // 64 TiB: block indexes stay within u32 at 64 KiB blocks
+
+/** A volume size in bytes: positive, a multiple of 512, at most MAX_VOLUME_SIZE. */
+export function validateVolumeSize(size: number): number {
+  if (!Number.isSafeInteger(size) || size <= 0) throw new PoolError('EINVAL', `volume size must be a positive number of bytes, got ${size}`);
+  if (size > MAX_VOLUME_SIZE) throw new PoolError('EINVAL', `volume size ${size} exceeds the maximum of ${MAX_VOLUME_SIZE} bytes`);
+  if (size % 512 !== 0) throw new PoolError('EINVAL', `volume size ${size} is not a multiple of 512 bytes`);
+  return size;
+}

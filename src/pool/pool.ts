@@ -11,9 +11,9 @@ import { createVolumeFiles, openVolume } from '../storage/factory.js';
 import { syncFailureProblems } from '../storage/journaled-volume.js';
 import { SnapshotError, type ChangedExtent, type SnapshotInfo, type SnapshotMode, type Volume } from '../storage/volume.js';
 import { readCatalog, writeCatalog, type Backend, type Catalog, type VolumeRecord, type VolumeReplication, type VolumeType } from './catalog.js';
-import { fsyncDir } from './atomic-file.js';
+import { ATOMIC_TMP, fsyncDir } from './atomic-file.js';
 import { PoolLock } from './lock.js';
-import { PoolError, validateName } from './names.js';
+import { MAX_VOLUME_SIZE, PoolError, validateName, validateVolumeSize as checkSize } from './names.js';
 
 export interface VolumeInfo {
   name: string;
@@ -78,7 +78,7 @@ export function addBypassHook(h: BypassHook): void {
   bypassHooks.push(h);
 }
 
-export const MAX_VOLUME_SIZE = 2 ** 46; // 64 TiB: block indexes stay within u32 at 64 KiB blocks
+export { MAX_VOLUME_SIZE };
 export const SNAPSHOT_CONTEXT_PREFIX = 'snapblock:changed:';
 
 /**
@@ -98,6 +98,8 @@ export class Pool implements ExportProvider {
   private constructor(
     readonly dir: string,
     private readonly log: Logger,
+    /** opened by `check` in its own process: see open() */
+    private readonly forCheck = false,
   ) {
     fs.mkdirSync(path.join(dir, 'volumes'), { recursive: true, mode: 0o700 });
     this.lock = PoolLock.acquire(path.join(dir, 'LOCK'));
@@ -109,11 +111,22 @@ export class Pool implements ExportProvider {
     }
   }
 
-  /** Open a pool and bring its files in line with the catalog after a crash. */
-  static async open(dir: string, opts: { log: Logger }): Promise<Pool> {
-    const pool = new Pool(path.resolve(dir), opts.log);
-    const report = await pool.checkFiles(true);
-    for (const r of report.repaired) opts.log.warn({ repair: r }, 'pool repaired on open');
+  /**
+   * Open a pool and bring its files in line with the catalog after a crash. forCheck (the
+   * `check` command with no server running): no repair on open, so that check() reports
+   * what it finds (or with --repair removes it and names it), and check() closes the volumes
+   * it opened without a checkpoint, so that a check writes nothing it was not asked to.
+   */
+  static async open(dir: string, opts: { log: Logger; forCheck?: boolean }): Promise<Pool> {
+    const pool = new Pool(path.resolve(dir), opts.log, opts.forCheck ?? false);
+    if (pool.forCheck) return pool;
+    try {
+      const report = await pool.checkFiles(true);
+      for (const r of report.repaired) opts.log.warn({ repair: r }, 'pool repaired on open');
+    } catch (err) {
+      pool.lock.release();
+      throw err;
+    }
     return pool;
   }
 
@@ -282,18 +295,44 @@ export class Pool implements ExportProvider {
     if (type.replication) rec.replication = { ...type.replication, role: 'primary', state: 'enabled', changed: rec.created };
     this.makeVolumeDir(rec, () => createVolumeFiles(mode, path.join(this.dir, `${rec.dir}.creating`), { size, blockSize, cowReserve }));
     this.log.info({ volume: name, size, mode, blockSize }, 'volume created');
-    return this.info(name);
+    return this.openCreated(rec);
   }
 
-  /** Data before pointer: the directory is complete before the catalog names it. */
+  /**
+   * Data before pointer: the directory is complete before the catalog names it. A create
+   * that fails part way (ENOSPC, EIO) removes what it made: nothing is left for `check`.
+   */
   private makeVolumeDir(rec: VolumeRecord, build: () => void): void {
     const final = path.join(this.dir, rec.dir);
     const tmp = `${final}.creating`;
+    if (fs.existsSync(final)) throw new PoolError('EEXIST', `volumes/${path.basename(final)} exists but is not in the catalog; run \`snapblock check --repair\` to remove it`);
     fs.rmSync(tmp, { recursive: true, force: true });
-    build();
-    fs.renameSync(tmp, final);
-    fsyncDir(path.join(this.dir, 'volumes'));
-    this.save({ ...this.catalog, volumes: { ...this.catalog.volumes, [rec.name]: rec } });
+    let renamed = false;
+    try {
+      build();
+      fs.renameSync(tmp, final);
+      renamed = true;
+      fsyncDir(path.join(this.dir, 'volumes'));
+      this.save({ ...this.catalog, volumes: { ...this.catalog.volumes, [rec.name]: rec } });
+    } catch (err) {
+      fs.rmSync(renamed ? final : tmp, { recursive: true, force: true });
+      throw createFailed(rec.name, err);
+    }
+  }
+
+  /**
+   * The first open of a volume just made writes its journal's zeroes ahead (1 MiB): on a
+   * nearly full filesystem that is where a create fails. Then the create is undone, so a
+   * failed create leaves neither a catalog entry nor files.
+   */
+  private async openCreated(rec: VolumeRecord): Promise<VolumeInfo> {
+    try {
+      return await this.info(rec.name);
+    } catch (err) {
+      await this.closeUnchanged(rec.name);
+      this.removeVolumeDir(rec);
+      throw createFailed(rec.name, err);
+    }
   }
 
   async resize(name: string, size: number, opts: { force?: boolean } = {}): Promise<VolumeInfo> {
@@ -308,20 +347,99 @@ export class Pool implements ExportProvider {
     return this.info(name);
   }
 
-  async delete(name: string): Promise<void> {
+  /**
+   * Delete a volume and everything it holds. Refused (EBUSY, nothing changed) while clients
+   * are connected or clones read through its snapshots; with snapshots or an active
+   * replication pair only with force (which deletes the snapshots too and leaves the
+   * replication peer's copy alone).
+   */
+  async delete(name: string, opts: { force?: boolean } = {}): Promise<void> {
     const rec = this.record(name);
-    const n = this.connectionsTo(name);
-    if (n) throw new PoolError('EBUSY', `volume "${name}" has ${n} open connection(s); disconnect them first`);
-    const clones = Object.values(this.catalog.volumes).filter((c) => c.base?.volume === name);
-    if (clones.length) throw new PoolError('EBUSY', `volume "${name}" has clones (${clones.map((c) => c.name).join(', ')}); delete or flatten them first`);
+    const wasOpen = this.opened.has(name);
+    try {
+      this.refuseUnsafeDelete(rec, await this.snapshotNamesForDelete(name, opts.force ?? false), opts.force ?? false);
+    } catch (err) {
+      if (!wasOpen) await this.closeUnchanged(name);
+      throw err;
+    }
     const v = this.opened.get(name);
     this.opened.delete(name);
-    if (v) await (await v).close().catch(() => {});
-    // Pointer before data: once the catalog forgets it, the directory is an orphan removed on open.
-    const { [name]: _gone, ...rest } = this.catalog.volumes;
-    this.save({ ...this.catalog, volumes: rest });
-    fs.rmSync(path.join(this.dir, rec.dir), { recursive: true, force: true });
+    // No checkpoint for a volume about to vanish (and none could be written on a full disk).
+    if (v) await (await v).close({ discard: true }).catch((err) => this.log.warn({ volume: name, error: (err as Error).message }, 'closing a volume being deleted failed'));
+    this.removeVolumeDir(rec);
     this.log.info({ volume: name }, 'volume deleted');
+  }
+
+  /**
+   * Close a volume opened only to be looked at, without a checkpoint: nothing changed since
+   * its open wrote the state, and a refused command must not write (nor fail on a full disk).
+   */
+  private async closeUnchanged(name: string): Promise<void> {
+    const v = this.opened.get(name);
+    this.opened.delete(name);
+    await v?.then((x) => x.close({ discard: true })).catch(() => {});
+  }
+
+  /** The volume's snapshot names, or undefined when it cannot be opened and force says not to care. */
+  private async snapshotNamesForDelete(name: string, force: boolean): Promise<string[] | undefined> {
+    try {
+      return (await this.volume(name)).snapshots().map((s) => s.name);
+    } catch (err) {
+      if (force) return undefined;
+      throw new PoolError('EBUSY', `volume "${name}" cannot be opened to see whether it has snapshots (${(err as Error).message}); pass --force to delete it anyway`);
+    }
+  }
+
+  /** Throw one EBUSY naming every reason the delete is unsafe and what to run first. */
+  private refuseUnsafeDelete(rec: VolumeRecord, snapshots: string[] | undefined, force: boolean): void {
+    const name = rec.name;
+    const hard: string[] = [];
+    const soft: string[] = [];
+    const n = this.connectionsTo(name);
+    if (n) hard.push(`it has ${n} open connection(s) (NBD clients): disconnect them first`);
+    const clones = this.clonesOf(name);
+    if (clones.length) hard.push(`it has clones (${clones.join(', ')}) that read through its snapshots: delete them first (snapblock volume delete ${clones[0]})`);
+    const forceDoes: string[] = [];
+    if (!force && snapshots?.length) {
+      soft.push(`it has ${snapshots.length} snapshot(s) (${snapshots.join(', ')}): delete them first (snapblock snapshot delete ${name} ${snapshots[0]})`);
+      forceDoes.push('with its snapshots');
+    }
+    const r = rec.replication;
+    if (!force && r && r.state !== 'disabled') {
+      soft.push(`it is the ${r.role} of an active replication pair (${r.mode}${r.backendId ? `, backend ${r.backendId}` : ''}): run \`snapblock replication disable ${name}\` first`);
+      forceDoes.push('leaving the peer\'s copy as it is');
+    }
+    if (!hard.length && !soft.length) return;
+    const tail = hard.length ? '' : `; or pass --force to delete it ${forceDoes.join(', ')}`;
+    throw new PoolError('EBUSY', `refusing to delete volume "${name}": ${[...hard, ...soft].join('; ')}${tail}`);
+  }
+
+  private clonesOf(volume: string, snapshot?: string): string[] {
+    return Object.values(this.catalog.volumes)
+      .filter((c) => c.base?.volume === volume && (snapshot === undefined || c.base.snapshot === snapshot))
+      .map((c) => c.name);
+  }
+
+  /**
+   * Free space first, write the catalog after: on a full filesystem the catalog's temp file
+   * needs the space the volume held. The directory is first renamed to NAME.deleting (a
+   * rename needs no space), which marks the delete as decided; its files are removed, then
+   * the catalog forgets the volume, then the empty marker goes. A crash in between leaves a
+   * catalog entry whose directory is NAME.deleting, and opening the pool finishes the delete.
+   */
+  private removeVolumeDir(rec: VolumeRecord): void {
+    const volumes = path.join(this.dir, 'volumes');
+    const dir = path.join(this.dir, rec.dir);
+    const marker = deletingMarker(dir);
+    if (fs.existsSync(dir)) {
+      fs.rmSync(marker, { recursive: true, force: true });
+      fs.renameSync(dir, marker);
+      fsyncDir(volumes);
+    }
+    if (fs.existsSync(marker)) for (const f of fs.readdirSync(marker)) fs.rmSync(path.join(marker, f), { recursive: true, force: true });
+    const { [rec.name]: _gone, ...rest } = this.catalog.volumes;
+    this.save({ ...this.catalog, volumes: rest });
+    fs.rmSync(marker, { recursive: true, force: true });
   }
 
   // ---- snapshots and clones ----
@@ -341,9 +459,12 @@ export class Pool implements ExportProvider {
   async deleteSnapshot(volume: string, name: string): Promise<void> {
     const v = await this.volume(volume);
     v.findSnapshot(name);
-    const clones = Object.values(this.catalog.volumes).filter((c) => c.base?.volume === volume && c.base.snapshot === name);
-    if (clones.length) throw new PoolError('EBUSY', `snapshot "${volume}@${name}" has clones (${clones.map((c) => c.name).join(', ')}); delete them first`);
-    if (this.connections.get(`${volume}@${name}`)) throw new PoolError('EBUSY', `snapshot "${volume}@${name}" is exported to a connected client`);
+    // Not overridable: a clone reads every block it never wrote through this snapshot, so
+    // deleting it would silently change the clone's data (there is no flatten yet).
+    const clones = this.clonesOf(volume, name);
+    if (clones.length) throw new PoolError('EBUSY', `refusing to delete snapshot "${volume}@${name}": it has clones (${clones.join(', ')}) that read through it; delete them first (snapblock volume delete ${clones[0]})`);
+    const n = this.connections.get(`${volume}@${name}`);
+    if (n) throw new PoolError('EBUSY', `refusing to delete snapshot "${volume}@${name}": it is exported to ${n} connected client(s); disconnect them first`);
     await v.deleteSnapshot(name);
   }
 
@@ -377,7 +498,7 @@ export class Pool implements ExportProvider {
     const rec: VolumeRecord = { name, created: new Date().toISOString(), dir: path.join('volumes', name), mode: 'row', blockSize, cowReserve: src.cowReserve, base: { volume, snapshot } };
     this.makeVolumeDir(rec, () => createVolumeFiles('row', path.join(this.dir, `${rec.dir}.creating`), { size: snap.size, blockSize, cowReserve: src.cowReserve }));
     this.log.info({ volume: name, from: `${volume}@${snapshot}` }, 'clone created');
-    return this.info(name);
+    return this.openCreated(rec);
   }
 
   async diff(volume: string, from: string, to?: string): Promise<ChangedExtent[]> {
@@ -451,40 +572,86 @@ export class Pool implements ExportProvider {
         for (const p of syncFailureProblems(path.join(this.dir, this.catalog.volumes[name].dir))) report.problems.push(`volume "${name}": ${p}`);
       }
     }
+    // Only in check's own process: no client can have opened these volumes meanwhile.
+    // Clones first: they read through their parents' snapshots.
+    if (this.forCheck) for (const name of this.clonesFirst()) await this.closeUnchanged(name);
     report.ok = report.problems.length === 0;
     return report;
   }
 
+  /**
+   * The pool's files against its catalog. What a crash or a failed command can leave (see
+   * docs/FORMAT.md, pool recovery) is reported, or with repair removed and named: a delete
+   * interrupted after its rename (finished), volume directories the catalog does not name
+   * (NAME.creating from a create, anything else), and temp files of atomic replacements.
+   * Writes nothing without repair; with repair it only removes, and writes the catalog
+   * after the space is free.
+   */
   private async checkFiles(repair: boolean): Promise<CheckReport> {
     const problems: string[] = [];
     const repaired: string[] = [];
     const volDir = path.join(this.dir, 'volumes');
     const known = new Set<string>();
+    const interrupted: VolumeRecord[] = [];
     for (const [key, rec] of Object.entries(this.catalog.volumes)) {
       if (key !== rec.name) problems.push(`catalog key "${key}" holds volume named "${rec.name}"`);
       known.add(path.basename(rec.dir));
+      const dir = path.join(this.dir, rec.dir);
       if (path.dirname(path.resolve(this.dir, rec.dir)) !== volDir) problems.push(`volume "${rec.name}": directory ${rec.dir} is outside the pool`);
-      else if (!fs.existsSync(path.join(this.dir, rec.dir))) problems.push(`volume "${rec.name}": directory ${rec.dir} is missing`);
+      else if (!fs.existsSync(dir) && fs.existsSync(deletingMarker(dir))) {
+        known.add(path.basename(deletingMarker(dir)));
+        interrupted.push(rec);
+      } else if (!fs.existsSync(dir)) problems.push(`volume "${rec.name}": directory ${rec.dir} is missing`);
       if (rec.base && !this.catalog.volumes[rec.base.volume]) problems.push(`volume "${rec.name}": clone parent "${rec.base.volume}" is missing`);
     }
-    for (const f of fs.readdirSync(volDir)) {
-      if (known.has(f)) continue;
+    for (const rec of interrupted) {
+      if (!repair) problems.push(`volume "${rec.name}": its delete was interrupted (${rec.dir}.deleting); run \`snapblock check --repair\` to finish it`);
+      else {
+        this.removeVolumeDir(rec);
+        repaired.push(`finished the interrupted delete of volume "${rec.name}"`);
+      }
+    }
+    const leftovers = [
+      ...fs.readdirSync(volDir).filter((f) => !known.has(f)).map((f) => ({ file: `volumes/${f}`, why: f.endsWith('.creating') ? 'left by a failed or interrupted create' : f.endsWith('.deleting') ? 'left by an interrupted delete' : 'not in the catalog' })),
+      ...this.atomicTempFiles().map((file) => ({ file, why: 'temp file of an interrupted metadata write' })),
+    ];
+    for (const { file, why } of leftovers) {
       if (repair) {
-        fs.rmSync(path.join(volDir, f), { recursive: true, force: true });
-        repaired.push(`removed orphan volumes/${f} (left by an interrupted create or delete)`);
-      } else problems.push(`orphan volumes/${f} is not in the catalog`);
+        fs.rmSync(path.join(this.dir, file), { recursive: true, force: true });
+        repaired.push(`removed ${file} (${why})`);
+      } else problems.push(`leftover ${file} (${why}); \`snapblock check --repair\` removes it`);
     }
     return { ok: problems.length === 0, problems, repaired };
   }
 
+  /**
+   * FILE.tmp-PID files in the pool and in volume directories. writeFileAtomic makes and
+   * renames (or removes) them inside one synchronous call, so any seen here is debris.
+   */
+  private atomicTempFiles(): string[] {
+    const dirs = ['.', ...Object.values(this.catalog.volumes).map((r) => r.dir)];
+    return dirs.flatMap((d) => {
+      try {
+        return fs.readdirSync(path.join(this.dir, d)).filter((f) => ATOMIC_TMP.test(f)).map((f) => path.join(d, f));
+      } catch {
+        return []; // a missing volume directory is reported above
+      }
+    });
+  }
+
+  /** The open volumes, clones before the rest: clones read through their parents' snapshots. */
+  private clonesFirst(): string[] {
+    return [...this.opened.keys()].sort((a, b) => Number(!!this.catalog.volumes[b]?.base) - Number(!!this.catalog.volumes[a]?.base));
+  }
+
   async close(): Promise<void> {
-    // Clones first: they read through their parents' snapshots.
-    const names = [...this.opened.keys()].sort((a, b) => Number(!!this.catalog.volumes[b]?.base) - Number(!!this.catalog.volumes[a]?.base));
-    for (const name of names) {
+    for (const name of this.clonesFirst()) {
       try {
         await (await this.opened.get(name)!).close();
       } catch (err) {
-        this.log.error({ err, volume: name }, 'closing volume failed');
+        // One line, no stack: on a full filesystem this is expected, and harmless (the close
+        // still released the files; the journal holds the state and the next open replays it).
+        this.log.error({ volume: name, error: (err as Error).message }, 'closing volume failed: its checkpoint was not written; the next open recovers from its journal');
       }
     }
     this.opened.clear();
@@ -517,11 +684,14 @@ function changedDescriptors(changed: ChangedExtent[], offset: number, length: nu
   return out;
 }
 
-function checkSize(size: number): void {
-  if (!Number.isSafeInteger(size) || size <= 0) throw new PoolError('EINVAL', `volume size must be a positive number of bytes, got ${size}`);
-  if (size > MAX_VOLUME_SIZE) throw new PoolError('EINVAL', `volume size ${size} exceeds the maximum of ${MAX_VOLUME_SIZE} bytes`);
-  if (size % 512 !== 0) throw new PoolError('EINVAL', `volume size ${size} is not a multiple of 512 bytes`);
+/** A create that failed and was undone: ENOSPC as a one-line PoolError that says what to do. */
+function createFailed(name: string, err: unknown): Error {
+  if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') return err as Error;
+  return new PoolError('ENOSPC', `cannot create volume "${name}": no space left on the pool's filesystem (nothing was kept; free space by deleting a volume or snapshot)`);
 }
+
+/** What a volume directory is renamed to while it is being deleted. */
+const deletingMarker = (dir: string) => `${dir}.deleting`;
 
 function checkBlockSize(bs: number): void {
   if (!Number.isInteger(bs) || bs < 4096 || bs > 4 * 1024 * 1024 || (bs & (bs - 1)) !== 0) {

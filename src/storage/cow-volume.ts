@@ -14,7 +14,7 @@ import type { Extent } from '../block/layer.js';
 import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { SnapshotError, mergeExtents, type PlacedRange, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, mergeExtents, type PlacedRange, blocksToExtents, type ChangedExtent, type SnapshotInfo, type SnapshotTimer, type CloseOptions } from './volume.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt, writeAtMapped } from './inline-write.js';
@@ -585,18 +585,21 @@ export class CowVolume extends JournaledVolume<Meta, Snap> {
     return n;
   }
 
-  async close(): Promise<void> {
+  async close(opts: CloseOptions = {}): Promise<void> {
     if (this.closed) return;
-    await this.spare;
-    await this.quiesce(() => this.checkpoint());
-    this.closed = true;
-    this.journal.close();
-    for (const s of this.snaps) {
-      s.released = true;
-      this.maybeClose(s);
+    try {
+      await this.spare;
+      if (!opts.discard) await this.quiesce(() => this.checkpoint());
+    } finally {
+      this.closed = true;
+      this.journal.close();
+      for (const s of this.snaps) {
+        s.released = true;
+        this.maybeClose(s);
+      }
+      this.map.close();
+      native.closeFile(this.fd);
     }
-    this.map.close();
-    native.closeFile(this.fd);
   }
 }
 

@@ -19,7 +19,7 @@ import { fsyncDir } from '../pool/atomic-file.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { GroupCommit, fileExtents, readAt } from './io.js';
-import { SnapshotError, blocksToExtents, type PlacedRange, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, blocksToExtents, type PlacedRange, type ChangedExtent, type SnapshotInfo, type SnapshotTimer, type CloseOptions } from './volume.js';
 import { ioBuffer, recycle } from '../block/io-buffers.js';
 import { writeAt, writeAtMapped } from './inline-write.js';
 import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
@@ -656,16 +656,19 @@ export class MirrorVolume extends JournaledVolume<Meta, Snap> {
     return n;
   }
 
-  async close(): Promise<void> {
+  async close(opts: CloseOptions = {}): Promise<void> {
     if (this.closed) return;
-    await this.stopCopier();
-    await this.quiesce(() => this.checkpoint());
-    this.closed = true;
-    this.journal.close();
-    if (this.mirrorFd !== undefined) native.closeFile(this.mirrorFd);
-    for (const s of this.snaps) if (s.fd !== undefined) native.closeFile(s.fd);
-    this.map.close();
-    native.closeFile(this.fd);
+    try {
+      await this.stopCopier();
+      if (!opts.discard) await this.quiesce(() => this.checkpoint());
+    } finally {
+      this.closed = true;
+      this.journal.close();
+      if (this.mirrorFd !== undefined) native.closeFile(this.mirrorFd);
+      for (const s of this.snaps) if (s.fd !== undefined) native.closeFile(s.fd);
+      this.map.close();
+      native.closeFile(this.fd);
+    }
   }
 }
 

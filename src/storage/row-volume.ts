@@ -13,7 +13,7 @@ import * as native from '../native/index.js';
 import type { BlockLayer, Extent, MappedRange } from '../block/layer.js';
 import { writeCheckpoint } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
-import { SnapshotError, mergeExtents, blocksToExtents, type PlacedRange, type ChangedExtent, type SnapshotInfo, type SnapshotTimer } from './volume.js';
+import { SnapshotError, mergeExtents, blocksToExtents, type PlacedRange, type ChangedExtent, type SnapshotInfo, type SnapshotTimer, type CloseOptions } from './volume.js';
 import { DiskRuns, readAt, readRuns, writeRuns } from './io.js';
 import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
@@ -655,14 +655,19 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     return fs.fstatSync(this.fd).blocks * 512;
   }
 
-  async close(): Promise<void> {
+  async close(opts: CloseOptions = {}): Promise<void> {
     if (this.closed) return;
-    await this.quiesce(() => this.checkpoint());
-    await this.punching;
-    this.closed = true;
-    this.journal.close();
-    this.map.close();
-    native.closeFile(this.fd);
+    try {
+      // Punches first: on a full filesystem the checkpoint needs the space they return.
+      await this.punching;
+      if (!opts.discard) await this.quiesce(() => this.checkpoint());
+      await this.punching;
+    } finally {
+      this.closed = true;
+      this.journal.close();
+      this.map.close();
+      native.closeFile(this.fd);
+    }
   }
 }
 

@@ -88,6 +88,10 @@ export interface ViewOps {
   extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]>;
 }
 
+export interface CloseOptions {
+  discard?: boolean;
+}
+
 export abstract class Volume implements BlockLayer, ViewOps {
   abstract readonly mode: SnapshotMode;
   abstract get size(): number;
@@ -139,7 +143,12 @@ export abstract class Volume implements BlockLayer, ViewOps {
   /** grow (or, without snapshots, shrink) the live volume */
   abstract resize(size: number): Promise<void>;
   abstract allocatedBytes(): number;
-  abstract close(): Promise<void>;
+  /**
+   * Checkpoint and release the files. discard (the volume is being deleted): release them
+   * without a checkpoint. A close whose checkpoint fails (ENOSPC) still releases its files,
+   * so a deleted volume's space is freed at once; the journal keeps the state meanwhile.
+   */
+  abstract close(opts?: CloseOptions): Promise<void>;
 
   // ---- BlockLayer ----
   read(offset: number, length: number): Promise<Buffer> {
