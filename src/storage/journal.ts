@@ -155,7 +155,7 @@ export class Journal {
     const batch = encodeBatch(VOLATILE_MAGIC, this.epoch, [this.bootId, ...this.pending]);
     const at = this.reserve(batch.length);
     try {
-      fs.writeSync(this.fd, batch, 0, batch.length, at);
+      writeAll(this.fd, batch, at);
     } catch (err) {
       // (a full filesystem) the records stay pending: their operations fail, a later persist retries
       this.writeAt = at;
@@ -220,9 +220,15 @@ export class Journal {
     if (at + len > this.allocEnd) {
       const end = writtenAheadEnd(at + len);
       this.dropUnsynced();
-      for (let z = this.allocEnd; z < end; z += PREALLOC) {
-        fs.writeSync(this.fd, ZEROES, 0, Math.min(PREALLOC, end - z), z);
-        this.allocEnd = Math.min(end, z + PREALLOC);
+      try {
+        for (let z = this.allocEnd; z < end; z += PREALLOC) {
+          writeAll(this.fd, ZEROES.subarray(0, Math.min(PREALLOC, end - z)), z);
+          this.allocEnd = Math.min(end, z + PREALLOC);
+        }
+      } catch (err) {
+        // A full filesystem: the batch alone may still fit (in the file's last block), and the
+        // commands that free space (volume and snapshot delete) must still be able to record it.
+        if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
       }
     }
     this.writeAt += len;
@@ -318,6 +324,12 @@ function replay(data: Buffer, epoch: number, bootId: Buffer): { records: Rec[]; 
 
 /** where the zeroes written ahead of `from` end: the next PREALLOC boundary at least PREALLOC ahead */
 const writtenAheadEnd = (from: number) => Math.ceil((from + PREALLOC) / PREALLOC) * PREALLOC;
+
+/** pwrite all of buf at `at`; a short write (a filesystem filling up) is an ENOSPC error, never ignored */
+function writeAll(fd: number, buf: Buffer, at: number): void {
+  const n = fs.writeSync(fd, buf, 0, buf.length, at);
+  if (n !== buf.length) throw Object.assign(new Error(`journal: wrote ${n} of ${buf.length} bytes (no space left on device?)`), { code: 'ENOSPC' });
+}
 
 function writeHeader(fd: number, epoch: number): void {
   const h = Buffer.alloc(HEADER);

@@ -312,7 +312,9 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   }
 
   private release(p1: number): void {
-    this.journal.append(Kind.FREE, p1 - 1);
+    // No FREE record: replay rebuilds the free list from what nothing owns, so the record that
+    // drops the owner (MAP, UNDELTA, a snapshot delete) is the release. A snapshot delete on a
+    // full filesystem then journals only what it keeps, not a record per freed block.
     this.pendingFree.push(p1 - 1);
   }
 
