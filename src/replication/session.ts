@@ -143,6 +143,7 @@ export class ReplicationSession {
   /** the resync throttle: when the next region may start copying */
   private nextCopyAt = 0;
   private reporting?: Promise<void>;
+  private peerWithoutStates = false;
 
   constructor(private readonly o: SessionOptions) {
     this.size = o.local.size;
@@ -721,7 +722,15 @@ export class ReplicationSession {
   /** Record a state of the secondary there (durable there when this resolves). */
   private async tellPeer(req: Omit<PeerRequest, 'op' | 'volume'>): Promise<void> {
     if (this.o.backendUri === undefined) throw new Error('no backend');
-    await peerState(this.o.backendUri, { volume: this.o.volume, ...req }, this.o.timeoutMs);
+    if (this.peerWithoutStates) return;
+    try {
+      await peerState(this.o.backendUri, { volume: this.o.volume, ...req }, this.o.timeoutMs);
+    } catch (err) {
+      // A snapblock server from before disk states refuses op=state: replicate without them.
+      if (!/^export ".*" refused/.test((err as Error).message)) throw err;
+      this.peerWithoutStates = true;
+      this.o.log.warn({ volume: this.o.volume }, 'the secondary does not keep disk states (older snapblock): it cannot tell when it is Inconsistent');
+    }
   }
 
   /** Progress for the secondary's status; one report at a time, a lost one is not retried. */
