@@ -126,6 +126,8 @@ export interface PeerState {
   why?: string;
   gen?: string;
   parted?: string;
+  /** the server keeps no disk states (older snapblock, or no such replicated volume there) */
+  unsupported?: boolean;
 }
 
 /**
@@ -133,6 +135,16 @@ export interface PeerState {
  * update there first when the request carries one (durable there once this resolves).
  */
 export async function peerState(uri: string, req: Omit<PeerRequest, 'op'>, timeoutMs: number): Promise<PeerState> {
+  try {
+    return await askPeerState(uri, req, timeoutMs);
+  } catch (err) {
+    // A snapblock server from before disk states refuses op=state: it keeps none.
+    if (/^export ".*" refused/.test((err as Error).message)) return { disk: 'UpToDate', unsupported: true };
+    throw err;
+  }
+}
+
+async function askPeerState(uri: string, req: Omit<PeerRequest, 'op'>, timeoutMs: number): Promise<PeerState> {
   const c = await connectPeer(uri, { ...req, op: 'state' }, { timeoutMs });
   try {
     return JSON.parse((await c.read(0, c.size)).toString('utf8')) as PeerState;

@@ -723,11 +723,9 @@ export class ReplicationSession {
   private async tellPeer(req: Omit<PeerRequest, 'op' | 'volume'>): Promise<void> {
     if (this.o.backendUri === undefined) throw new Error('no backend');
     if (this.peerWithoutStates) return;
-    try {
-      await peerState(this.o.backendUri, { volume: this.o.volume, ...req }, this.o.timeoutMs);
-    } catch (err) {
-      // A snapblock server from before disk states refuses op=state: replicate without them.
-      if (!/^export ".*" refused/.test((err as Error).message)) throw err;
+    const st = await peerState(this.o.backendUri, { volume: this.o.volume, ...req }, this.o.timeoutMs);
+    if (st.unsupported) {
+      // A snapblock server from before disk states: replicate without them.
       this.peerWithoutStates = true;
       this.o.log.warn({ volume: this.o.volume }, 'the secondary does not keep disk states (older snapblock): it cannot tell when it is Inconsistent');
     }
@@ -747,9 +745,11 @@ export class ReplicationSession {
    */
   private async peerUpToDate(): Promise<void> {
     await this.reporting;
+    const c = this.client;
     const gen = this.o.ownGeneration();
     await this.tellPeer({ disk: 'UpToDate', gen, lagging: this.lagging });
-    this.o.rejoined(gen);
+    // (a link lost meanwhile may have recorded a parting since: that one stands)
+    if (this.client === c && c) this.o.rejoined(gen);
   }
 
   /** Hold a region's copy back so that resyncs run at most at RESYNC_RATE bytes per second. */
