@@ -168,6 +168,30 @@ describe('disk states: no promotion of a half-synced copy', () => {
   }, 60_000);
 });
 
+describe('disk states survive a kill -9 of the secondary', () => {
+  it('the secondary killed during the initial sync is still Inconsistent when read back; once back, the sync completes and it is UpToDate', async () => {
+    const b = await serve();
+    const aPool = tempDir('pool-a-');
+    ok(aPool, ['backend', 'add', 'b', `nbd+unix:///?socket=${b.socket}`]);
+    ok(aPool, ['volume', 'create', 'v', '128M']);
+    const a = await serve(aPool, { SNAPBLOCK_REPL_RESYNC_RATE: String(4 * MiB) });
+    qio(a.uri('v'), 'write -P 0x3c 0 16M');
+    ok(aPool, ['replication', 'enable', 'v', '--mode', 'async', '--backend-id', 'b']);
+    await until('the initial sync under way', async () => ((await status(b, 'v')).syncProgress?.done ?? 0) > 0);
+    await b.kill9();
+    running.splice(running.indexOf(b), 1);
+    // Read back from the pool itself (no server): what was persisted.
+    const st = JSON.parse(ok(b.pool, ['replication', 'status', 'v', '--json']))[0] as Status;
+    expect(st).toMatchObject({ role: 'secondary', disk: 'Inconsistent', syncProgress: { phase: 'initial' } });
+    expect(st.syncProgress!.done).toBeLessThan(st.syncProgress!.total);
+    expect(cli(b.pool, ['failover', 'v']).status).toBe(1);
+    const b2 = await serve(b.pool);
+    await until('sync completed after the secondary came back', async () => (await status(b2, 'v')).disk === 'UpToDate', 30_000);
+    await until('in sync', inSync(a, 'v'));
+    expect(sha(b2.uri('v'))).toBe(sha(a.uri('v')));
+  }, 60_000);
+});
+
 describe('split brain', () => {
   it('async pair partitioned, both sides written: failback is refused; --discard-changes-on resolves it, the kept side wins byte for byte', async () => {
     const b = await serve();

@@ -96,7 +96,7 @@ function replicationSubcommands(y: Argv<G>): Argv<G> {
         (a) => call<Status>(a, 'replication.enable', { volume: a.volume, mode: a.mode, backendId: a['backend-id'], onLinkLoss: a['on-link-loss'] }, statusLine),
       )
       .command('disable <volume>', 'stop replicating a volume', vol, (a) => call<Status>(a, 'replication.disable', { volume: a.volume }, statusLine))
-      .command('status [volume]', 'replication status, lag (bytes, seconds) and sync progress', (a) => a.positional('volume', { type: 'string' }), (a) =>
+      .command('status [volume]', 'replication status: link, lag (bytes, seconds), disk state (UpToDate, Inconsistent, Outdated) and sync progress', (a) => a.positional('volume', { type: 'string' }), (a) =>
         call<Status[]>(a, 'replication.status', { volume: a.volume }, (l) => (l.length ? l.map(statusLine).join('\n') : 'no replicated volumes')),
       )
       .command('resync <volume>', 'copy every region to the secondary again (after a rollback)', vol, (a) => call<Status>(a, 'replication.resync', { volume: a.volume }, statusLine))

@@ -15,6 +15,10 @@
 // lost, writes mark regions as needing resync instead of shipping; when it returns only
 // dirty regions, plus hot ones that no remote flush covered, are copied; after a crash of
 // the primary, every region in the log.
+//
+// The secondary's disk state (disk-state.ts) is told over op=state connections: Inconsistent
+// (durable there) before the first byte of every sync, progress once a second, UpToDate
+// with this copy's generation once the sync completed and the secondary flushed it.
 import type { Logger } from 'pino';
 import { BlockError, type WriteFlags, type ZeroFlags } from '../block/layer.js';
 import type { NbdClient } from '../nbd/client.js';
