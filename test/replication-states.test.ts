@@ -165,6 +165,17 @@ describe('disk states: no promotion of a half-synced copy', () => {
     const check = run('qemu-io', ['-f', 'raw', b.uri('big'), '-c', 'read -P 0x5c 0 64M']);
     expect(check.stdout).toMatch(/Pattern verification failed/);
     qio(b.uri('big'), 'write -P 0x77 100M 1M', 'read -P 0x77 100M 1M');
+
+    // The old primary comes back: its data is not silently overwritten by the half-synced copy.
+    const a2 = await serve(aPool);
+    await until('the old primary sees the promotion', async () => (await status(a2, 'big')).replication_status === 'failed-over');
+    const fb = cli(aPool, ['failback', 'big']);
+    expect(fb.status).toBe(1);
+    expect(fb.stderr).toMatch(/split brain.*promoted with --force while Inconsistent/s);
+    JSON.parse(ok(aPool, ['failback', 'big', '--discard-changes-on', 'remote', '--json']));
+    await until('replicating again', inSync(a2, 'big'));
+    qio(b.uri('big'), 'read -P 0x5c 0 64M', 'read -P 0 100M 1M');
+    expect(await status(b, 'big')).toMatchObject({ role: 'secondary', disk: 'UpToDate' });
   }, 60_000);
 });
 

@@ -8,7 +8,7 @@ import type { VolumeReplication } from '../pool/catalog.js';
 import { PoolError, validateName } from '../pool/names.js';
 import { parseBackendUri } from '../replication/peer.js';
 import { failbackVolume, markForResync, promoteVolume, serviceOf } from '../replication/service.js';
-import { diskDetails, readReplicaState } from '../replication/disk-state.js';
+import { diskDetails, newGeneration, readReplicaState, writeReplicaState } from '../replication/disk-state.js';
 import { createLogger } from '../log.js';
 
 const name = z.string().min(1);
@@ -69,6 +69,8 @@ export const replicationOperations = {
       // The log first (full initial sync, holes skipped): a write arriving once the volume
       // is a replicating primary starts a session, which must find the log all set.
       await markForResync(p, a.volume);
+      // This copy is the source of a new pairing: whatever an earlier one recorded is void.
+      writeReplicaState(p, a.volume, { disk: 'UpToDate', gen: newGeneration() });
       p.setVolumeReplication(a.volume, next);
       await serviceOf(p)?.startSession(a.volume);
       return statusOf(p, a.volume);

@@ -42,6 +42,8 @@ export interface ReplicaState {
    * they parted. Set on both sides = split brain. Cleared when the copies are made equal.
    */
   parted?: string;
+  /** promoted with --force while in this disk state (a copy promoted while Inconsistent lacks data its old primary has) */
+  forcedFrom?: DiskState;
   changed?: string;
 }
 
@@ -120,6 +122,7 @@ export function diskDetails(s: ReplicaState): Record<string, unknown> {
     syncProgress: s.disk === 'Inconsistent' ? s.sync : undefined,
     generation: s.gen,
     writtenApartSince: s.parted,
+    promotedWhile: s.forcedFrom,
   });
 }
 

@@ -126,6 +126,7 @@ export interface PeerState {
   why?: string;
   gen?: string;
   parted?: string;
+  forcedFrom?: 'UpToDate' | 'Inconsistent' | 'Outdated';
   /** the server keeps no disk states (older snapblock, or no such replicated volume there) */
   unsupported?: boolean;
 }

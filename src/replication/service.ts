@@ -365,7 +365,7 @@ export class ReplicationService {
   private openState(name: string, req: PeerRequest, r: VolumeReplication): OpenedExport {
     if (r.role === 'secondary' && r.state === 'enabled') this.applyPeerState(req);
     const st = readReplicaState(this.pool, req.volume);
-    const reply: PeerState = { role: r.role, state: r.state, disk: st.disk, why: st.why, gen: st.gen, parted: st.parted };
+    const reply: PeerState = { role: r.role, state: r.state, disk: st.disk, why: st.why, gen: st.gen, parted: st.parted, forcedFrom: st.forcedFrom };
     return { name, description: `replication state of ${req.volume}`, layer: new StateLayer(Buffer.from(JSON.stringify(reply))), release: async () => {} };
   }
 
@@ -503,12 +503,14 @@ export interface FailbackResult {
  */
 export function chooseFailbackSource(volume: string, backendId: string, local: ReplicaState, remote: PeerState, discard?: 'local' | 'remote'): 'local' | 'remote' {
   if (discard) return discard === 'local' ? 'remote' : 'local';
-  const localWrote = local.parted !== undefined;
+  // A copy promoted while Inconsistent never got all of this one: this one holds data it lacks.
+  const localWrote = local.parted !== undefined || remote.forcedFrom === 'Inconsistent';
   const remoteWrote = remote.parted !== undefined;
   if (localWrote && remoteWrote) {
+    const here = local.parted !== undefined ? `written apart from ${local.parted}` : `holding data the backend's copy never got: it was promoted with --force while Inconsistent`;
     throw new PoolError(
       'EINVAL',
-      `split brain on "${volume}": both copies were written since they parted (here: generation ${local.gen}, written apart from ${local.parted}; ` +
+      `split brain on "${volume}": both copies were written since they parted (here: generation ${local.gen}, ${here}; ` +
         `backend "${backendId}": generation ${remote.gen}, written apart from ${remote.parted}). A failback would overwrite the writes acknowledged here; nothing was changed. ` +
         `Choose the copy whose changes are discarded: "snapblock failback ${volume} --discard-changes-on local" keeps backend "${backendId}"'s data and resyncs it here, ` +
         `"--discard-changes-on remote" keeps this pool's data and resyncs it to "${backendId}"`,
@@ -597,6 +599,7 @@ export function promoteVolume(pool: Pool, volume: string, backendId: string | un
   if (backendId && !pool.backends()[backendId]) throw new PoolError('ENOENT', `no backend "${backendId}" (snapblock backend add)`);
   const st = readReplicaState(pool, volume);
   if (st.disk !== 'UpToDate' && !opts.force) throw new PoolError('EINVAL', notUpToDateMessage(volume, st));
+  if (st.disk !== 'UpToDate') writeReplicaState(pool, volume, { ...st, forcedFrom: st.disk }); // (a failback will not take it for complete)
   const next: VolumeReplication = { ...r, role: 'primary', state: 'failed-over', backendId: backendId ?? r.backendId, activeBackendId: undefined, changed: new Date().toISOString() };
   pool.setVolumeReplication(volume, next);
   return next;
