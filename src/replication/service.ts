@@ -331,8 +331,10 @@ export class ReplicationService {
         if (released) return;
         released = true;
         this.peerLinks.set(req.volume, (this.peerLinks.get(req.volume) ?? 1) - 1);
-        await v.flush();
+        // (the meta-context negotiation's open is released too: harmless, since a copy is
+        // UpToDate and lagging only while a push link is open)
         if (push) this.pushEnded(req.volume);
+        await v.flush();
       },
     };
   }
@@ -375,8 +377,13 @@ export class ReplicationService {
       const phase = req.phase ?? 'resync';
       updateReplicaState(this.pool, req.volume, { disk: 'Inconsistent', why: `a ${phase} sync from the primary started and has not completed`, sync: { phase, done: req.done ?? 0, total: req.total ?? 0 } });
     } else if (req.disk === 'UpToDate') {
-      // Equal to the primary's copy now: its generation, no parting, no sync running.
-      writeReplicaState(this.pool, req.volume, { disk: 'UpToDate', gen: req.gen ?? st.gen, lagging: req.lagging ?? st.lagging });
+      // Equal to the primary's copy now: its generation, no parting, no sync running. From a
+      // lagging primary that holds only while its link is up: one that ended meanwhile (the
+      // report raced the link's end) may already have cost writes.
+      const linkGone = req.lagging && !((this.pushLinks.get(req.volume) ?? 0) > 0);
+      const disk = linkGone ? 'Outdated' : 'UpToDate';
+      const why = linkGone ? 'the link from its async primary ended as it reported this copy up to date' : undefined;
+      writeReplicaState(this.pool, req.volume, { disk, why, gen: req.gen ?? st.gen, lagging: req.lagging ?? st.lagging });
       this.writtenApart.delete(req.volume);
     } else if (req.detach === 'clean' && st.lagging) writeReplicaState(this.pool, req.volume, { ...st, lagging: false });
   }
@@ -555,7 +562,8 @@ export async function failbackVolume(pool: Pool, volume: string, log: Logger, ti
   }
   // Both copies are equal now: one new generation on both, nothing dirty, the initial sync is done.
   const gen = newGeneration();
-  await peerState(backend.uri, { volume, disk: 'UpToDate', gen, lagging: r.mode === 'async' || r.onLinkLoss === 'degrade' }, timeoutMs);
+  // (not lagging yet: no primary feeds it until the session starts, which says so itself)
+  await peerState(backend.uri, { volume, disk: 'UpToDate', gen, lagging: false }, timeoutMs);
   rejoined(pool, volume, gen);
   const rlog = RegionLog.open(regionLogPath(pool, volume), local.size, regionSizeFor(local.blockSize));
   rlog.clearAll();
