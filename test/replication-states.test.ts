@@ -128,10 +128,10 @@ describe('disk states: no promotion of a half-synced copy', () => {
     const b = await serve();
     const aPool = tempDir('pool-a-');
     ok(aPool, ['backend', 'add', 'b', `nbd+unix:///?socket=${b.socket}`]);
-    ok(aPool, ['volume', 'create', 'big', '400M']);
-    // The initial sync copies the 64 MiB of data at 4 MiB/s: it is surely running at the kill.
-    const a = await serve(aPool, { SNAPBLOCK_REPL_RESYNC_RATE: String(4 * MiB) });
-    qio(a.uri('big'), 'write -P 0x5c 0 64M');
+    ok(aPool, ['volume', 'create', 'big', '256M']);
+    // The initial sync copies the 32 MiB of data at 2 MiB/s: it is surely running at the kill.
+    const a = await serve(aPool, { SNAPBLOCK_REPL_RESYNC_RATE: String(2 * MiB) });
+    qio(a.uri('big'), 'write -P 0x5c 0 32M');
     ok(aPool, ['replication', 'enable', 'big', '--mode', 'sync', '--backend-id', 'b']);
     await until('the initial sync under way, as the secondary reports it', async () => {
       const s = await status(b, 'big');
@@ -152,7 +152,7 @@ describe('disk states: no promotion of a half-synced copy', () => {
     const refused = cli(b.pool, ['failover', 'big']);
     expect(refused.status, refused.stdout).toBe(1);
     expect(refused.stderr).toMatch(/Inconsistent/);
-    expect(refused.stderr).toMatch(/copied [\d.]+ MiB of 64\.0 MiB \(\d+%\)/);
+    expect(refused.stderr).toMatch(/copied [\d.]+ MiB of 32\.0 MiB \(\d+%\)/);
     expect(refused.stderr).toMatch(/--force/);
     expect(await status(b, 'big')).toMatchObject({ role: 'secondary', replication_status: 'enabled', disk: 'Inconsistent' });
     expect(sha(b.uri('big'))).toBe(before);
@@ -162,7 +162,7 @@ describe('disk states: no promotion of a half-synced copy', () => {
     const forced = JSON.parse(ok(b.pool, ['failover', 'big', '--force', '--json']));
     expect(forced).toMatchObject({ role: 'primary', replication_status: 'failed-over' });
     // What --force warned about: the promoted copy does not hold what the primary had.
-    const check = run('qemu-io', ['-f', 'raw', b.uri('big'), '-c', 'read -P 0x5c 0 64M']);
+    const check = run('qemu-io', ['-f', 'raw', b.uri('big'), '-c', 'read -P 0x5c 0 32M']);
     expect(check.stdout).toMatch(/Pattern verification failed/);
     qio(b.uri('big'), 'write -P 0x77 100M 1M', 'read -P 0x77 100M 1M');
 
@@ -174,7 +174,7 @@ describe('disk states: no promotion of a half-synced copy', () => {
     expect(fb.stderr).toMatch(/split brain.*promoted with --force while Inconsistent/s);
     JSON.parse(ok(aPool, ['failback', 'big', '--discard-changes-on', 'remote', '--json']));
     await until('replicating again', inSync(a2, 'big'));
-    qio(b.uri('big'), 'read -P 0x5c 0 64M', 'read -P 0 100M 1M');
+    qio(b.uri('big'), 'read -P 0x5c 0 32M', 'read -P 0 100M 1M');
     expect(await status(b, 'big')).toMatchObject({ role: 'secondary', disk: 'UpToDate' });
   }, 60_000);
 });
