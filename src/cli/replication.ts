@@ -26,11 +26,24 @@ async function call<T>(argv: G, op: string, args: Record<string, unknown>, human
 
 type Status = Record<string, unknown> & { volume: string; replication_status: string };
 
+type Progress = { phase: string; done: number; total: number };
+const percent = (p: Progress) => `${Math.floor((100 * p.done) / Math.max(1, p.total))}%`;
+
+/** "disk Inconsistent, initial sync 1.0 MiB of 400 MiB (0%)" */
+function diskPart(s: Status): string {
+  if (!s.disk) return '';
+  const p = s.syncProgress as Progress | undefined;
+  const sync = p ? `, ${p.phase} sync ${formatSize(p.done)} of ${formatSize(p.total)} (${percent(p)})` : '';
+  const peer = s.peerDisk ? `, peer disk ${s.peerDisk}` : '';
+  return `, disk ${s.disk}${sync}${peer}`;
+}
+
 function statusLine(s: Status): string {
   const lag = s.lagBytes !== undefined ? `, lag ${formatSize(Number(s.lagBytes))}${s.lagSeconds != null ? ` / ${Number(s.lagSeconds).toFixed(2)} s` : ''}` : '';
-  const p = s.progress as { phase: string; done: number; total: number } | undefined;
-  const prog = p && p.phase !== 'none' && p.done < p.total ? `, ${p.phase} sync ${((100 * p.done) / Math.max(1, p.total)).toFixed(0)}%` : '';
-  return `${s.volume}: ${s.replication_status}${s.role ? ` (${s.role}, ${s.mode}${s.backendId ? ` -> ${s.backendId}` : ''}${s.link ? `, link ${s.link}` : ''}${lag}${prog})` : ''}${s.lastError ? `\n  last error: ${s.lastError}` : ''}`;
+  const p = s.progress as Progress | undefined;
+  const prog = p && p.phase !== 'none' && p.done < p.total ? `, ${p.phase} sync ${percent(p)}` : '';
+  const notes = [s.lastError ? `last error: ${s.lastError}` : '', s.diskReason ? `disk ${s.disk}: ${s.diskReason}` : '', s.writtenApartSince ? `written apart from its peer since generation ${s.writtenApartSince}` : ''].filter(Boolean);
+  return `${s.volume}: ${s.replication_status}${s.role ? ` (${s.role}, ${s.mode}${s.backendId ? ` -> ${s.backendId}` : ''}${diskPart(s)}${s.link ? `, link ${s.link}` : ''}${lag}${prog})` : ''}${notes.map((n) => `\n  ${n}`).join('')}`;
 }
 
 const vol = (a: Argv<G>) => a.positional('volume', { type: 'string', demandOption: true });
@@ -83,7 +96,7 @@ function replicationSubcommands(y: Argv<G>): Argv<G> {
         (a) => call<Status>(a, 'replication.enable', { volume: a.volume, mode: a.mode, backendId: a['backend-id'], onLinkLoss: a['on-link-loss'] }, statusLine),
       )
       .command('disable <volume>', 'stop replicating a volume', vol, (a) => call<Status>(a, 'replication.disable', { volume: a.volume }, statusLine))
-      .command('status [volume]', 'replication status, lag (bytes, seconds) and sync progress', (a) => a.positional('volume', { type: 'string' }), (a) =>
+      .command('status [volume]', 'replication status: link, lag (bytes, seconds), disk state (UpToDate, Inconsistent, Outdated) and sync progress', (a) => a.positional('volume', { type: 'string' }), (a) =>
         call<Status[]>(a, 'replication.status', { volume: a.volume }, (l) => (l.length ? l.map(statusLine).join('\n') : 'no replicated volumes')),
       )
       .command('resync <volume>', 'copy every region to the secondary again (after a rollback)', vol, (a) => call<Status>(a, 'replication.resync', { volume: a.volume }, statusLine))
@@ -104,18 +117,28 @@ const replication: CommandModule = {
   handler: () => {},
 };
 
-const failover: CommandModule<G, G & { volume: string; 'backend-id'?: string }> = {
+const failover: CommandModule<G, G & { volume: string; 'backend-id'?: string; force?: boolean }> = {
   command: 'failover <volume>',
-  describe: "make the secondary the writable primary: run against the secondary's pool (the primary may be dead), or against the primary's for a planned failover",
-  builder: (y) => vol(y).option('backend-id', { type: 'string', describe: 'on the secondary: the backend that points back at the old primary; on the primary: the target (checked)' }) as never,
-  handler: (a) => call<Status>(a, 'volume.failover', { volume: a.volume, backendId: a['backend-id'] }, statusLine),
+  describe: "make the secondary the writable primary: run against the secondary's pool (the primary may be dead), or against the primary's for a planned failover. A secondary that is not UpToDate (Inconsistent: a sync into it did not complete; Outdated: it may miss writes) is refused without --force",
+  builder: (y) =>
+    vol(y)
+      .option('backend-id', { type: 'string', describe: 'on the secondary: the backend that points back at the old primary; on the primary: the target (checked)' })
+      .option('force', { type: 'boolean', describe: 'promote a secondary that is Inconsistent or Outdated, knowing its data may be inconsistent or out of date' }) as never,
+  handler: (a) => call<Status>(a, 'volume.failover', { volume: a.volume, backendId: a['backend-id'], force: a.force }, statusLine),
 };
 
-const failback: CommandModule<G, G & { volume: string }> = {
+const failback: CommandModule<G, G & { volume: string; 'discard-changes-on'?: 'local' | 'remote' }> = {
   command: 'failback <volume>',
-  describe: "return a failed-over volume to its original primary: run against the original primary's pool (copies back what changed)",
-  builder: (y) => vol(y) as never,
-  handler: (a) => call<Status & { copiedBytes: number }>(a, 'volume.failback', { volume: a.volume }, (s) => `${statusLine(s)}\ncopied back ${formatSize(s.copiedBytes)}`),
+  describe: "return a failed-over volume to its original primary: run against the original primary's pool (copies back what changed). Refused on split brain (both copies written since they parted) unless --discard-changes-on names the side whose changes are thrown away",
+  builder: (y) =>
+    vol(y).option('discard-changes-on', {
+      choices: ['local', 'remote'] as const,
+      describe: "split brain: local = discard this pool's changes (keep the active copy, resync it here); remote = discard the active copy's changes (keep this pool's data, resync it there)",
+    }) as never,
+  handler: (a) =>
+    call<Status & { copiedBytes: number; kept: string }>(a, 'volume.failback', { volume: a.volume, discardChangesOn: a['discard-changes-on'] }, (s) =>
+      `${statusLine(s)}\n${s.kept === 'local' ? 'kept the data of this pool, copied to the backend' : 'copied back from the backend'}: ${formatSize(s.copiedBytes)}`,
+    ),
 };
 
 export const replicationCommands = [backend, replication, failover, failback] as unknown as CommandModule[];

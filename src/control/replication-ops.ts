@@ -8,6 +8,7 @@ import type { VolumeReplication } from '../pool/catalog.js';
 import { PoolError, validateName } from '../pool/names.js';
 import { parseBackendUri } from '../replication/peer.js';
 import { failbackVolume, markForResync, promoteVolume, serviceOf } from '../replication/service.js';
+import { diskDetails, newGeneration, readReplicaState, writeReplicaState } from '../replication/disk-state.js';
 import { createLogger } from '../log.js';
 
 const name = z.string().min(1);
@@ -22,7 +23,9 @@ function checkBackend(p: Pool, id: string): void {
 
 async function statusOf(p: Pool, volume: string): Promise<Record<string, unknown>> {
   const info = await p.info(volume);
-  return { volume, replication_status: info.replication_status, ...(info.replication ?? {}) };
+  // (a running server's status has the disk state already; in-process it comes from here)
+  const disk = info.replication ? diskDetails(readReplicaState(p, volume)) : {};
+  return { volume, replication_status: info.replication_status, ...disk, ...(info.replication ?? {}) };
 }
 
 export const replicationOperations = {
@@ -66,6 +69,8 @@ export const replicationOperations = {
       // The log first (full initial sync, holes skipped): a write arriving once the volume
       // is a replicating primary starts a session, which must find the log all set.
       await markForResync(p, a.volume);
+      // This copy is the source of a new pairing: whatever an earlier one recorded is void.
+      writeReplicaState(p, a.volume, { disk: 'UpToDate', gen: newGeneration() });
       p.setVolumeReplication(a.volume, next);
       await serviceOf(p)?.startSession(a.volume);
       return statusOf(p, a.volume);
@@ -102,24 +107,25 @@ export const replicationOperations = {
     },
   },
   'volume.failover': {
-    args: z.object({ volume: name, backendId: name.optional() }),
-    run: async (p: Pool, a: { volume: string; backendId?: string }) => {
+    args: z.object({ volume: name, backendId: name.optional(), force: z.boolean().optional() }),
+    run: async (p: Pool, a: { volume: string; backendId?: string; force?: boolean }) => {
       const svc = serviceOf(p);
-      if (svc) await svc.failover(a.volume, a.backendId);
+      if (svc) await svc.failover(a.volume, a.backendId, { force: a.force });
       else {
         const r = p.replicationOf(a.volume);
         if (r?.role === 'primary') throw new PoolError('EINVAL', `a planned failover from the primary needs its server running; to fail over without it, run failover against the secondary's pool`);
-        promoteVolume(p, a.volume, a.backendId);
+        promoteVolume(p, a.volume, a.backendId, { force: a.force });
       }
       return statusOf(p, a.volume);
     },
   },
   'volume.failback': {
-    args: z.object({ volume: name }),
-    run: async (p: Pool, a: { volume: string }) => {
+    args: z.object({ volume: name, discardChangesOn: z.enum(['local', 'remote']).optional() }),
+    run: async (p: Pool, a: { volume: string; discardChangesOn?: 'local' | 'remote' }) => {
       const svc = serviceOf(p);
-      const res = svc ? await svc.failback(a.volume) : await failbackVolume(p, a.volume, createLogger({ level: 'warn' }), 5000);
-      return { ...(await statusOf(p, a.volume)), copiedBytes: res.copiedBytes };
+      const opts = { discardChangesOn: a.discardChangesOn };
+      const res = svc ? await svc.failback(a.volume, opts) : await failbackVolume(p, a.volume, createLogger({ level: 'warn' }), 5000, opts);
+      return { ...(await statusOf(p, a.volume)), copiedBytes: res.copiedBytes, kept: res.kept };
     },
   },
 } as const;

@@ -10,11 +10,17 @@
 //   op=failback  the original primary takes V back: V is demoted to a secondary here
 //                (its own clients lose write access) and served read-write so the
 //                original primary can copy what changed while it was failed over.
+//   op=state     the disk state of V here (disk-state.ts), served as a small read-only
+//                export whose bytes are its JSON; with disk=... the primary first records
+//                the state it puts V in (durably, before the open completes): Inconsistent
+//                before the first byte of a sync lands, progress while it runs, UpToDate
+//                (with the shared generation) once the copy is complete and flushed, or
+//                detach=clean when it stops with nothing left to ship.
 import { NbdClient, type ClientOptions } from '../nbd/client.js';
 import { PoolError } from '../pool/names.js';
 
 export const REPLICA_PREFIX = 'replica:';
-export type PeerOp = 'push' | 'promote' | 'failback';
+export type PeerOp = 'push' | 'promote' | 'failback' | 'state';
 
 export interface PeerRequest {
   volume: string;
@@ -24,6 +30,16 @@ export interface PeerRequest {
   mode?: 'row' | 'cow' | 'mirror';
   replMode?: 'sync' | 'async';
   from?: string;
+  /** push: the primary's onLinkLoss (degrade: it may acknowledge writes without this copy) */
+  onLinkLoss?: 'block' | 'degrade';
+  /** state: what the primary puts this copy in */
+  disk?: 'UpToDate' | 'Inconsistent';
+  phase?: 'initial' | 'resync' | 'failback';
+  done?: number;
+  total?: number;
+  gen?: string;
+  lagging?: boolean;
+  detach?: 'clean';
 }
 
 export function replicaExportName(r: PeerRequest): string {
@@ -34,6 +50,14 @@ export function replicaExportName(r: PeerRequest): string {
   if (r.mode) q.set('mode', r.mode);
   if (r.replMode) q.set('repl', r.replMode);
   if (r.from) q.set('from', r.from);
+  if (r.onLinkLoss) q.set('loss', r.onLinkLoss);
+  if (r.disk) q.set('disk', r.disk);
+  if (r.phase) q.set('phase', r.phase);
+  if (r.done !== undefined) q.set('done', String(r.done));
+  if (r.total !== undefined) q.set('total', String(r.total));
+  if (r.gen) q.set('gen', r.gen);
+  if (r.lagging !== undefined) q.set('lagging', r.lagging ? '1' : '0');
+  if (r.detach) q.set('detach', r.detach);
   return `${REPLICA_PREFIX}${r.volume}?${q.toString()}`;
 }
 
@@ -45,9 +69,11 @@ export function parseReplicaExportName(name: string): PeerRequest | undefined {
   const p = new URLSearchParams(q < 0 ? '' : rest.slice(q + 1));
   const num = (k: string) => (p.has(k) ? Number(p.get(k)) : undefined);
   const op = (p.get('op') ?? 'push') as PeerOp;
-  if (!['push', 'promote', 'failback'].includes(op)) return undefined;
+  if (!['push', 'promote', 'failback', 'state'].includes(op)) return undefined;
   const mode = p.get('mode') ?? undefined;
   const repl = p.get('repl') ?? undefined;
+  const disk = p.get('disk');
+  const phase = p.get('phase');
   return {
     volume,
     op,
@@ -56,6 +82,14 @@ export function parseReplicaExportName(name: string): PeerRequest | undefined {
     mode: mode === 'row' || mode === 'cow' || mode === 'mirror' ? mode : undefined,
     replMode: repl === 'sync' || repl === 'async' ? repl : undefined,
     from: p.get('from') ?? undefined,
+    onLinkLoss: p.get('loss') === 'degrade' ? 'degrade' : p.get('loss') === 'block' ? 'block' : undefined,
+    disk: disk === 'UpToDate' || disk === 'Inconsistent' ? disk : undefined,
+    phase: phase === 'initial' || phase === 'resync' || phase === 'failback' ? phase : undefined,
+    done: num('done'),
+    total: num('total'),
+    gen: p.get('gen') ?? undefined,
+    lagging: p.has('lagging') ? p.get('lagging') === '1' : undefined,
+    detach: p.get('detach') === 'clean' ? 'clean' : undefined,
   };
 }
 
@@ -82,4 +116,40 @@ export function parseBackendUri(uri: string): Pick<ClientOptions, 'host' | 'port
 
 export function connectPeer(uri: string, req: PeerRequest, opts: { timeoutMs?: number; allocation?: boolean } = {}): Promise<NbdClient> {
   return NbdClient.connect({ ...parseBackendUri(uri), exportName: replicaExportName(req), timeoutMs: opts.timeoutMs, metaContexts: opts.allocation ? ['base:allocation'] : undefined });
+}
+
+/** What op=state serves: the copy's disk state and its role there. */
+export interface PeerState {
+  role?: 'primary' | 'secondary';
+  state?: string;
+  disk: 'UpToDate' | 'Inconsistent' | 'Outdated';
+  why?: string;
+  gen?: string;
+  parted?: string;
+  forcedFrom?: 'UpToDate' | 'Inconsistent' | 'Outdated';
+  /** the server keeps no disk states (older snapblock, or no such replicated volume there) */
+  unsupported?: boolean;
+}
+
+/**
+ * Ask the server behind uri for the disk state of its copy of the volume, recording an
+ * update there first when the request carries one (durable there once this resolves).
+ */
+export async function peerState(uri: string, req: Omit<PeerRequest, 'op'>, timeoutMs: number): Promise<PeerState> {
+  try {
+    return await askPeerState(uri, req, timeoutMs);
+  } catch (err) {
+    // A snapblock server from before disk states refuses op=state: it keeps none.
+    if (/^export ".*" refused/.test((err as Error).message)) return { disk: 'UpToDate', unsupported: true };
+    throw err;
+  }
+}
+
+async function askPeerState(uri: string, req: Omit<PeerRequest, 'op'>, timeoutMs: number): Promise<PeerState> {
+  const c = await connectPeer(uri, { ...req, op: 'state' }, { timeoutMs });
+  try {
+    return JSON.parse((await c.read(0, c.size)).toString('utf8')) as PeerState;
+  } finally {
+    await c.close().catch(() => {});
+  }
 }

@@ -10,9 +10,11 @@ import { addBypassHook, type BypassChange, type Pool, type ReplicationStatus } f
 import type { VolumeReplication } from '../pool/catalog.js';
 import { PoolError } from '../pool/names.js';
 import type { Volume } from '../storage/volume.js';
+import type { NbdClient } from '../nbd/client.js';
 import { ReplicationSession } from './session.js';
-import { connectPeer, parseReplicaExportName, type PeerRequest } from './peer.js';
+import { connectPeer, parseReplicaExportName, peerState, type PeerRequest, type PeerState } from './peer.js';
 import { RegionLog } from './region-log.js';
+import { describeSync, diskDetails, markWrittenApart, newGeneration, ownGeneration, readReplicaState, rejoined, updateReplicaState, writeReplicaState, type ReplicaState } from './disk-state.js';
 
 const services = new WeakMap<Pool, ReplicationService>();
 
@@ -42,6 +44,10 @@ export class ReplicationService {
   /** writes in flight through the filter, per volume (a demotion waits for them) */
   private readonly writing = new Map<string, Set<Promise<unknown>>>();
   private readonly peerLinks = new Map<string, number>();
+  /** the primary's replication connections (op=push) per secondary volume */
+  private readonly pushLinks = new Map<string, number>();
+  /** promoted copies already recorded as written since they parted (the write path checks this first) */
+  private readonly writtenApart = new Set<string>();
   private scan?: NodeJS.Timeout;
   /** volumes whose session is stopped for a resize: writes through the export wait for this */
   private readonly paused = new Map<string, { done: Promise<void>; release: () => void }>();
@@ -67,9 +73,26 @@ export class ReplicationService {
 
   /** Start a session for every volume that is a replicating primary here. */
   async start(): Promise<void> {
+    this.outdateLaggingSecondaries();
     await this.reconcile();
     this.scan = setInterval(() => void this.reconcile().catch((err) => this.log.error({ err }, 'replication scan failed')), 2000);
     this.scan.unref();
+  }
+
+  /**
+   * A secondary that was fed by a lagging primary (async, or sync that degrades) when this
+   * server went down may miss writes the primary acknowledged meanwhile: Outdated until the
+   * primary reconnects and says otherwise.
+   */
+  private outdateLaggingSecondaries(): void {
+    for (const { name, replication: r } of this.pool.replicatedVolumes()) {
+      if (r.role !== 'secondary' || r.state !== 'enabled') continue;
+      const st = readReplicaState(this.pool, name);
+      if (st.disk === 'UpToDate' && st.lagging) {
+        writeReplicaState(this.pool, name, { ...st, disk: 'Outdated', why: 'this server stopped while a primary that acknowledges writes before this copy has them (async) was feeding it' });
+        this.log.warn({ volume: name }, 'replication secondary is Outdated: it may have missed writes while this server was down');
+      }
+    }
   }
 
   async reconcile(): Promise<void> {
@@ -127,6 +150,9 @@ export class ReplicationService {
       timeoutMs: this.timeoutMs,
       maxLagBytes: this.maxLagBytes,
       onFailedOver: (reason) => this.markFailedOver(volume, reason),
+      ownGeneration: () => ownGeneration(this.pool, volume),
+      writtenApart: () => markWrittenApart(this.pool, volume),
+      rejoined: (gen) => rejoined(this.pool, volume, gen),
     });
     this.sessions.set(volume, s);
     s.start();
@@ -178,7 +204,7 @@ export class ReplicationService {
 
   statusOf(volume: string, r: VolumeReplication | undefined): { status: ReplicationStatus; details?: Record<string, unknown> } {
     if (!r) return { status: 'disabled' };
-    const details: Record<string, unknown> = { ...r };
+    const details: Record<string, unknown> = { ...r, ...diskDetails(readReplicaState(this.pool, volume)) };
     const s = this.sessions.get(volume);
     if (s) Object.assign(details, s.status());
     if (r.role === 'secondary' && r.state === 'enabled') details.peerConnections = this.peerLinks.get(volume) ?? 0;
@@ -205,6 +231,24 @@ export class ReplicationService {
   private async drainWrites(volume: string): Promise<void> {
     const set = this.writing.get(volume);
     while (set?.size) await Promise.allSettled([...set]);
+  }
+
+  /**
+   * Before a write of an ordinary client is issued: a promoted copy written for the first
+   * time since the failover has parted from the old primary (durably recorded first: a
+   * failback then knows it must not overwrite this write silently).
+   */
+  noteWrite(volume: string): void {
+    if (this.writtenApart.has(volume)) return;
+    let r: VolumeReplication | undefined;
+    try {
+      r = this.pool.replicationOf(volume);
+    } catch {
+      return;
+    }
+    if (r?.role !== 'primary' || r.state !== 'failed-over') return;
+    markWrittenApart(this.pool, volume);
+    this.writtenApart.add(volume);
   }
 
   /** Why ordinary clients may not write the volume now, or undefined. */
@@ -238,6 +282,8 @@ export class ReplicationService {
       if (req.op !== 'push' || !req.size) return undefined;
       await this.pool.create(req.volume, req.size, { mode: req.mode, blockSize: req.blockSize });
       r = { mode: req.replMode ?? 'async', role: 'secondary', state: 'enabled', peer: req.from, changed: now };
+      // Inconsistent before the primary can write a byte into it (the copy starts empty).
+      writeReplicaState(this.pool, req.volume, { disk: 'Inconsistent', why: 'created as a replication secondary; the initial sync has not completed', sync: { phase: 'initial', done: 0, total: req.size } });
       this.pool.setVolumeReplication(req.volume, r);
       this.log.info({ volume: req.volume, size: req.size, mode: req.mode }, 'created replication secondary');
     }
@@ -245,6 +291,7 @@ export class ReplicationService {
       this.log.warn({ volume: req.volume }, 'refusing replication into a volume that is not a replication secondary');
       return undefined;
     }
+    if (req.op === 'state') return this.openState(name, req, r);
     let readOnly = false;
     if (req.op === 'push') {
       if (r.role === 'primary') readOnly = true; // promoted here: tells the old primary it was failed over
@@ -258,7 +305,8 @@ export class ReplicationService {
         }
       }
     } else if (req.op === 'promote') {
-      if (r.role === 'secondary') await this.promoteLocal(req.volume, undefined);
+      // Planned failover: the primary caught up and flushed this copy before asking.
+      if (r.role === 'secondary') await this.promoteLocal(req.volume, undefined, { force: true });
       readOnly = true;
     } else if (req.op === 'failback' && !(r.role === 'secondary' && r.state === 'enabled')) {
       // (open runs more than once per connection: meta context negotiation, then GO)
@@ -272,6 +320,8 @@ export class ReplicationService {
     }
     const v = await this.pool.volume(req.volume);
     this.peerLinks.set(req.volume, (this.peerLinks.get(req.volume) ?? 0) + 1);
+    const push = req.op === 'push' && !readOnly;
+    if (push) this.pushLinks.set(req.volume, (this.pushLinks.get(req.volume) ?? 0) + 1);
     let released = false;
     return {
       name,
@@ -281,14 +331,66 @@ export class ReplicationService {
         if (released) return;
         released = true;
         this.peerLinks.set(req.volume, (this.peerLinks.get(req.volume) ?? 1) - 1);
+        // (the meta-context negotiation's open is released too: harmless, since a copy is
+        // UpToDate and lagging only while a push link is open)
+        if (push) this.pushEnded(req.volume);
         await v.flush();
       },
     };
   }
 
+  /**
+   * The primary's link to a secondary here ended. A lagging primary (async, sync that
+   * degrades) that did not stop cleanly may go on acknowledging writes this copy will not
+   * get (or had some queued): the copy is Outdated until the primary says otherwise.
+   */
+  private pushEnded(volume: string): void {
+    const left = (this.pushLinks.get(volume) ?? 1) - 1;
+    this.pushLinks.set(volume, left);
+    if (left > 0 || this.stopped) return; // (stopping: start() outdates it on the next run)
+    let r: VolumeReplication | undefined;
+    try {
+      r = this.pool.replicationOf(volume);
+    } catch {
+      return;
+    }
+    const st = readReplicaState(this.pool, volume);
+    if (r?.role !== 'secondary' || st.disk !== 'UpToDate' || !st.lagging) return;
+    writeReplicaState(this.pool, volume, { ...st, disk: 'Outdated', why: `the link from its ${r.mode === 'async' ? 'async' : 'degrading sync'} primary ended without a clean stop: writes the primary acknowledged may be missing here` });
+    this.log.warn({ volume }, 'replication link ended uncleanly: secondary is Outdated');
+  }
+
+  /**
+   * op=state: record what the primary says about this copy (only a secondary takes it: a
+   * promoted copy is nobody's target), then serve its state as a small read-only export.
+   */
+  private openState(name: string, req: PeerRequest, r: VolumeReplication): OpenedExport {
+    if (r.role === 'secondary' && r.state === 'enabled') this.applyPeerState(req);
+    const st = readReplicaState(this.pool, req.volume);
+    const reply: PeerState = { role: r.role, state: r.state, disk: st.disk, why: st.why, gen: st.gen, parted: st.parted, forcedFrom: st.forcedFrom };
+    return { name, description: `replication state of ${req.volume}`, layer: new StateLayer(Buffer.from(JSON.stringify(reply))), release: async () => {} };
+  }
+
+  private applyPeerState(req: PeerRequest): void {
+    const st = readReplicaState(this.pool, req.volume);
+    if (req.disk === 'Inconsistent') {
+      const phase = req.phase ?? 'resync';
+      updateReplicaState(this.pool, req.volume, { disk: 'Inconsistent', why: `a ${phase} sync from the primary started and has not completed`, sync: { phase, done: req.done ?? 0, total: req.total ?? 0 } });
+    } else if (req.disk === 'UpToDate') {
+      // Equal to the primary's copy now: its generation, no parting, no sync running. From a
+      // lagging primary that holds only while its link is up: one that ended meanwhile (the
+      // report raced the link's end) may already have cost writes.
+      const linkGone = req.lagging && !((this.pushLinks.get(req.volume) ?? 0) > 0);
+      const disk = linkGone ? 'Outdated' : 'UpToDate';
+      const why = linkGone ? 'the link from its async primary ended as it reported this copy up to date' : undefined;
+      writeReplicaState(this.pool, req.volume, { disk, why, gen: req.gen ?? st.gen, lagging: req.lagging ?? st.lagging });
+      this.writtenApart.delete(req.volume);
+    } else if (req.detach === 'clean' && st.lagging) writeReplicaState(this.pool, req.volume, { ...st, lagging: false });
+  }
+
   /** Make a secondary here the writable primary (failover run on the secondary's pool). */
-  async promoteLocal(volume: string, backendId: string | undefined): Promise<VolumeReplication> {
-    const next = promoteVolume(this.pool, volume, backendId);
+  async promoteLocal(volume: string, backendId: string | undefined, opts: { force?: boolean } = {}): Promise<VolumeReplication> {
+    const next = promoteVolume(this.pool, volume, backendId, opts);
     this.log.warn({ volume }, 'failover: secondary promoted to primary');
     return next;
   }
@@ -343,10 +445,10 @@ export class ReplicationService {
    * when it sees the promotion). Run on the primary's pool: planned failover — catch up,
    * fence writes here, flush the secondary, then promote it over the replication link.
    */
-  async failover(volume: string, backendId?: string): Promise<VolumeReplication> {
+  async failover(volume: string, backendId?: string, opts: { force?: boolean } = {}): Promise<VolumeReplication> {
     const r = this.pool.replicationOf(volume);
     if (!r) throw new PoolError('EINVAL', `volume "${volume}" is not replicated`);
-    if (r.role === 'secondary' && r.state === 'enabled') return this.promoteLocal(volume, backendId);
+    if (r.role === 'secondary' && r.state === 'enabled') return this.promoteLocal(volume, backendId, opts);
     if (r.role !== 'primary' || r.state !== 'enabled') throw new PoolError('EINVAL', `volume "${volume}" is ${r.state} (${r.role}); nothing to fail over`);
     if (backendId && backendId !== r.backendId) throw new PoolError('EINVAL', `volume "${volume}" replicates to backend "${r.backendId}", not "${backendId}"`);
     const s = this.sessions.get(volume);
@@ -373,8 +475,9 @@ export class ReplicationService {
     return next;
   }
 
-  async failback(volume: string, onProgress?: (done: number, total: number) => void): Promise<{ replication: VolumeReplication; copiedBytes: number }> {
-    const res = await failbackVolume(this.pool, volume, this.log, this.timeoutMs, onProgress);
+  async failback(volume: string, opts: FailbackOptions = {}): Promise<FailbackResult> {
+    const res = await failbackVolume(this.pool, volume, this.log, this.timeoutMs, opts);
+    this.writtenApart.delete(volume);
     await this.startSession(volume);
     return res;
   }
@@ -387,13 +490,52 @@ export class ReplicationService {
   }
 }
 
+export interface FailbackOptions {
+  /** split brain: whose changes since the copies parted are thrown away */
+  discardChangesOn?: 'local' | 'remote';
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface FailbackResult {
+  replication: VolumeReplication;
+  copiedBytes: number;
+  /** which copy's data both hold now: the active backend's (remote) or this pool's (local) */
+  kept: 'local' | 'remote';
+}
+
 /**
- * Failback, run on the original primary's pool while the volume is failed over: the
- * secondary (the active copy) is demoted over the link, every region that differs is
- * copied back here (holes on both sides skipped), then this copy is the primary again
- * and replication resumes with nothing dirty.
+ * Which copy a failback keeps, from what each side recorded since they parted (disk-state.ts):
+ * the side that was written wins; both written is a split brain, resolved only by the
+ * operator naming the side whose changes are discarded.
  */
-export async function failbackVolume(pool: Pool, volume: string, log: Logger, timeoutMs: number, onProgress?: (done: number, total: number) => void): Promise<{ replication: VolumeReplication; copiedBytes: number }> {
+export function chooseFailbackSource(volume: string, backendId: string, local: ReplicaState, remote: PeerState, discard?: 'local' | 'remote'): 'local' | 'remote' {
+  if (discard) return discard === 'local' ? 'remote' : 'local';
+  // A copy promoted while Inconsistent never got all of this one: this one holds data it lacks.
+  const localWrote = local.parted !== undefined || remote.forcedFrom === 'Inconsistent';
+  const remoteWrote = remote.parted !== undefined;
+  if (localWrote && remoteWrote) {
+    const here = local.parted !== undefined ? `written apart from ${local.parted}` : `holding data the backend's copy never got: it was promoted with --force while Inconsistent`;
+    throw new PoolError(
+      'EINVAL',
+      `split brain on "${volume}": both copies were written since they parted (here: generation ${local.gen}, ${here}; ` +
+        `backend "${backendId}": generation ${remote.gen}, written apart from ${remote.parted}). A failback would overwrite the writes acknowledged here; nothing was changed. ` +
+        `Choose the copy whose changes are discarded: "snapblock failback ${volume} --discard-changes-on local" keeps backend "${backendId}"'s data and resyncs it here, ` +
+        `"--discard-changes-on remote" keeps this pool's data and resyncs it to "${backendId}"`,
+    );
+  }
+  // Only this copy was written apart (the promoted one was not): keep those writes.
+  return localWrote ? 'local' : 'remote';
+}
+
+/**
+ * Failback, run on the original primary's pool while the volume is failed over. The split
+ * brain check comes first (op=state, nothing changes there); then the active copy is
+ * demoted over the link and every region that differs (holes on both sides skipped) is
+ * copied from the kept copy to the other; the copy being overwritten is Inconsistent until
+ * the copy completed and was flushed. Then both share a new generation, this copy is the
+ * primary again and replication resumes with nothing dirty.
+ */
+export async function failbackVolume(pool: Pool, volume: string, log: Logger, timeoutMs: number, opts: FailbackOptions = {}): Promise<FailbackResult> {
   const r = pool.replicationOf(volume);
   if (!r || r.state !== 'failed-over' || r.role !== 'secondary' || !r.activeBackendId) {
     throw new PoolError('EINVAL', `volume "${volume}" is not failed over from this pool; run failback against the original primary's pool`);
@@ -401,54 +543,79 @@ export async function failbackVolume(pool: Pool, volume: string, log: Logger, ti
   const backend = pool.backends()[r.activeBackendId];
   if (!backend) throw new PoolError('ENOENT', `backend "${r.activeBackendId}" is not configured`);
   const local = await pool.volume(volume);
+  const remoteState = await peerState(backend.uri, { volume }, timeoutMs);
+  const kept = chooseFailbackSource(volume, r.activeBackendId, readReplicaState(pool, volume), remoteState, opts.discardChangesOn);
   const c = await connectPeer(backend.uri, { volume, op: 'failback' }, { timeoutMs, allocation: true });
   let copied = 0;
+  const total = local.size;
   try {
     if (c.readOnly) throw new PoolError('EINVAL', `backend "${r.activeBackendId}" refused to hand "${volume}" back`);
     if (c.size !== local.size) throw new PoolError('EINVAL', `"${volume}" has ${c.size} bytes on the backend and ${local.size} here`);
-    const step = regionSizeFor(local.blockSize);
-    const remoteMap = await c.map('base:allocation');
-    let mi = 0;
-    const remoteZero = (off: number, end: number) => {
-      while (mi < remoteMap.length && remoteMap[mi].offset + remoteMap[mi].length <= off) mi++;
-      for (let i = mi; i < remoteMap.length && remoteMap[i].offset < end; i++) if (!(remoteMap[i].flags & 2)) return false;
-      return true;
-    };
-    for (let at = 0; at < local.size; at += step) {
-      const end = Math.min(local.size, at + step);
-      const ext = await local.extents(at, end - at);
-      const localZero = ext.every((e) => e.zero) && ext.length > 0 && ext[ext.length - 1].offset + ext[ext.length - 1].length >= end;
-      if (localZero && remoteZero(at, end)) continue;
-      const [theirs, ours] = await Promise.all([c.read(at, end - at), local.read(at, end - at)]);
-      if (!theirs.equals(ours)) {
-        await local.write(at, theirs);
-        copied += end - at;
-      }
-      onProgress?.(end, local.size);
-    }
-    await local.flush();
+    // The copy about to be overwritten is Inconsistent from before its first byte changes.
+    const inconsistent = { disk: 'Inconsistent' as const, phase: 'failback' as const, done: 0, total };
+    if (kept === 'remote') updateReplicaState(pool, volume, { disk: 'Inconsistent', why: 'a failback copying the active copy back here started and has not completed', sync: { phase: 'failback', done: 0, total } });
+    else await peerState(backend.uri, { volume, ...inconsistent }, timeoutMs);
+    copied = await copyDifferences(local, c, kept, regionSizeFor(local.blockSize), opts.onProgress);
+    await (kept === 'remote' ? local.flush() : c.flush());
   } finally {
     await c.close().catch(() => {});
   }
-  // Both copies are equal now: nothing is dirty, the initial sync is done.
+  // Both copies are equal now: one new generation on both, nothing dirty, the initial sync is done.
+  const gen = newGeneration();
+  // (not lagging yet: no primary feeds it until the session starts, which says so itself)
+  await peerState(backend.uri, { volume, disk: 'UpToDate', gen, lagging: false }, timeoutMs);
+  rejoined(pool, volume, gen);
   const rlog = RegionLog.open(regionLogPath(pool, volume), local.size, regionSizeFor(local.blockSize));
   rlog.clearAll();
   await rlog.setInitialSyncDone(true);
   await rlog.close();
   const next: VolumeReplication = { ...r, role: 'primary', state: 'enabled', activeBackendId: undefined, changed: new Date().toISOString() };
   pool.setVolumeReplication(volume, next);
-  log.warn({ volume, copiedBytes: copied }, 'failback: volume is the primary again');
-  return { replication: next, copiedBytes: copied };
+  log.warn({ volume, copiedBytes: copied, kept, discarded: opts.discardChangesOn }, 'failback: volume is the primary again');
+  return { replication: next, copiedBytes: copied, kept };
 }
 
-/** Promote a secondary in the catalog: role primary, status failed-over. */
-export function promoteVolume(pool: Pool, volume: string, backendId: string | undefined): VolumeReplication {
+/** Copy every region that differs between the two copies, from the kept one to the other; bytes copied. */
+async function copyDifferences(local: Volume, c: NbdClient, kept: 'local' | 'remote', step: number, onProgress?: (done: number, total: number) => void): Promise<number> {
+  const remoteMap = await c.map('base:allocation');
+  let mi = 0;
+  const remoteZero = (off: number, end: number) => {
+    while (mi < remoteMap.length && remoteMap[mi].offset + remoteMap[mi].length <= off) mi++;
+    for (let i = mi; i < remoteMap.length && remoteMap[i].offset < end; i++) if (!(remoteMap[i].flags & 2)) return false;
+    return true;
+  };
+  let copied = 0;
+  for (let at = 0; at < local.size; at += step) {
+    const end = Math.min(local.size, at + step);
+    const ext = await local.extents(at, end - at);
+    const localZero = ext.every((e) => e.zero) && ext.length > 0 && ext[ext.length - 1].offset + ext[ext.length - 1].length >= end;
+    if (localZero && remoteZero(at, end)) continue;
+    const [theirs, ours] = await Promise.all([c.read(at, end - at), local.read(at, end - at)]);
+    if (!theirs.equals(ours)) {
+      await (kept === 'remote' ? local.write(at, theirs) : c.write(at, ours));
+      copied += end - at;
+    }
+    onProgress?.(end, local.size);
+  }
+  return copied;
+}
+
+/** Promote a secondary in the catalog: role primary, status failed-over. Refused unless UpToDate or forced. */
+export function promoteVolume(pool: Pool, volume: string, backendId: string | undefined, opts: { force?: boolean } = {}): VolumeReplication {
   const r = pool.replicationOf(volume);
   if (!r || r.role !== 'secondary' || r.state !== 'enabled') throw new PoolError('EINVAL', `volume "${volume}" is not a replication secondary here`);
   if (backendId && !pool.backends()[backendId]) throw new PoolError('ENOENT', `no backend "${backendId}" (snapblock backend add)`);
+  const st = readReplicaState(pool, volume);
+  if (st.disk !== 'UpToDate' && !opts.force) throw new PoolError('EINVAL', notUpToDateMessage(volume, st));
+  if (st.disk !== 'UpToDate') writeReplicaState(pool, volume, { ...st, forcedFrom: st.disk }); // (a failback will not take it for complete)
   const next: VolumeReplication = { ...r, role: 'primary', state: 'failed-over', backendId: backendId ?? r.backendId, activeBackendId: undefined, changed: new Date().toISOString() };
   pool.setVolumeReplication(volume, next);
   return next;
+}
+
+function notUpToDateMessage(volume: string, st: ReplicaState): string {
+  const what = st.disk === 'Inconsistent' ? `${describeSync(st.sync)} when it stopped, so its data may be a mix of old and new blocks or garbage` : `${st.why ?? 'it may miss writes'}`;
+  return `refusing to fail over "${volume}": its disk here is ${st.disk} (${what}). ` + `"snapblock failover ${volume} --force" promotes it anyway, knowing the data may be inconsistent or out of date`;
 }
 
 /** Set every bit of a volume's region log: the next session copies everything. */
@@ -482,6 +649,13 @@ addBypassHook({
     try {
       r = pool.replicationOf(volume);
     } catch {
+      return;
+    }
+    if (r?.role === 'primary' && r.state === 'failed-over' && change.op === 'rollback') {
+      // A promoted copy rewritten by a rollback has parted from the old primary, as by a write.
+      const svc = serviceOf(pool);
+      if (svc) svc.noteWrite(volume);
+      else markWrittenApart(pool, volume);
       return;
     }
     if (!r || r.role !== 'primary' || r.state !== 'enabled') return;
@@ -555,6 +729,7 @@ class ReplicatedExport implements BlockLayer {
     await this.svc.settled(this.volume);
     const why = this.svc.fenceReason(this.volume);
     if (why) throw new BlockError('EPERM', why);
+    this.svc.noteWrite(this.volume);
     return this.svc.session(this.volume) ?? this.svc.sessionFor(this.volume);
   }
 
@@ -665,6 +840,40 @@ class PeerLayer implements BlockLayer {
   cache(offset: number, length: number): Promise<void> {
     return this.v.cache(offset, length);
   }
+  async close(): Promise<void> {}
+}
+
+/** op=state: a copy's disk state (JSON) as a tiny read-only disk. */
+class StateLayer implements BlockLayer {
+  readonly caps: Capabilities = { readOnly: true, multiConn: false, trim: false, zero: false, fastZero: false, fua: false, cache: false, extents: false };
+
+  constructor(private readonly bytes: Buffer) {}
+
+  get size(): number {
+    return this.bytes.length;
+  }
+  async read(offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.alloc(length);
+    this.bytes.copy(out, 0, offset, Math.min(this.bytes.length, offset + length));
+    return out;
+  }
+  private refuse(): Promise<never> {
+    return Promise.reject(new BlockError('EPERM', 'replication state is read-only'));
+  }
+  write(): Promise<void> {
+    return this.refuse();
+  }
+  trim(): Promise<void> {
+    return this.refuse();
+  }
+  zero(): Promise<void> {
+    return this.refuse();
+  }
+  async flush(): Promise<void> {}
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, zero: false, hole: false }];
+  }
+  async cache(): Promise<void> {}
   async close(): Promise<void> {}
 }
 

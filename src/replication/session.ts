@@ -15,13 +15,17 @@
 // lost, writes mark regions as needing resync instead of shipping; when it returns only
 // dirty regions, plus hot ones that no remote flush covered, are copied; after a crash of
 // the primary, every region in the log.
+//
+// The secondary's disk state (disk-state.ts) is told over op=state connections: Inconsistent
+// (durable there) before the first byte of every sync, progress once a second, UpToDate
+// with this copy's generation once the sync completed and the secondary flushed it.
 import type { Logger } from 'pino';
 import { BlockError, type WriteFlags, type ZeroFlags } from '../block/layer.js';
 import type { NbdClient } from '../nbd/client.js';
 import type { Volume } from '../storage/volume.js';
 import type { VolumeReplication } from '../pool/catalog.js';
 import { RegionLog } from './region-log.js';
-import { connectPeer } from './peer.js';
+import { connectPeer, peerState, type PeerRequest } from './peer.js';
 import { ioBuffer, recycle, retain } from '../block/io-buffers.js';
 
 export type LinkState = 'connecting' | 'syncing' | 'replicating' | 'disconnected' | 'not-capable' | 'error' | 'failed-over' | 'stopped';
@@ -43,6 +47,12 @@ export interface SessionOptions {
   hotLimit?: number;
   /** the peer has been promoted: fence the volume here */
   onFailedOver(reason: string): void;
+  /** this copy's data generation (disk-state.ts), shared with the secondary once it is in sync */
+  ownGeneration(): string;
+  /** a write is (about to be) acknowledged that the secondary will not get in order: durable on return */
+  writtenApart(): void;
+  /** the secondary holds what this copy holds, under generation gen */
+  rejoined(gen: string): void;
 }
 
 type Kind = 'write' | 'trim' | 'zero' | 'flush';
@@ -78,6 +88,10 @@ const COVER_MS = Number(process.env.SNAPBLOCK_REPL_COVER_MS ?? 10_000);
 /** how many write streams the sequential detection follows */
 const STREAMS = 64;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** resync copy rate limit in bytes per second (DRBD's resync-rate); 0 = as fast as it goes */
+const RESYNC_RATE = Number(process.env.SNAPBLOCK_REPL_RESYNC_RATE ?? 0);
+/** how often the secondary hears how far a sync into it got */
+const PROGRESS_REPORT_MS = 1000;
 
 /**
  * The async queue's hold on a write payload (the caller owns it again once the write is
@@ -130,6 +144,10 @@ export class ReplicationSession {
   private writesSinceCycle = 0;
   private lastCover = Date.now();
   private readonly size: number;
+  /** the resync throttle: when the next region may start copying */
+  private nextCopyAt = 0;
+  private reporting?: Promise<void>;
+  private peerWithoutStates = false;
 
   constructor(private readonly o: SessionOptions) {
     this.size = o.local.size;
@@ -172,6 +190,7 @@ export class ReplicationSession {
     const needBytes = this.needCount * this.o.regionSize;
     return {
       link: this.link,
+      peerDisk: this.link === 'replicating' ? 'UpToDate' : this.link === 'syncing' ? 'Inconsistent' : 'Unknown',
       mode: this.o.settings.mode,
       effectiveMode: this.mode,
       degraded: this.degraded,
@@ -294,6 +313,7 @@ export class ReplicationSession {
         if (this.link === 'failed-over') throw new BlockError('EPERM', `volume "${this.o.volume}" was failed over while this write was in flight`);
         if (this.o.settings.onLinkLoss === 'degrade') {
           this.degrade();
+          this.o.writtenApart();
           return;
         }
         // block: acknowledged only once the secondary has the region again
@@ -311,7 +331,11 @@ export class ReplicationSession {
         this.queue.push({ ...e, data, r0, r1, queued: Date.now() });
         this.queuedBytes += e.length;
         this.pump();
-      } else this.setNeed(r0, r1);
+      } else {
+        this.setNeed(r0, r1);
+        // Acknowledged while no link carries it: this copy has parted from the secondary.
+        if (!this.client) this.o.writtenApart();
+      }
     } finally {
       if (entered) this.leave(r0, r1);
       release();
@@ -541,6 +565,7 @@ export class ReplicationSession {
     this.lastError = err.message;
     this.link = 'disconnected';
     this.o.log.warn({ volume: this.o.volume, err: err.message }, 'replication link lost; tracking dirty regions');
+    if (this.queuedBytes > 0) this.o.writtenApart(); // acknowledged, never shipped
     this.unqueue();
     // What the secondary acknowledged but never flushed may be lost there.
     for (const r of this.rlog.uncovered()) this.setNeed(r, r);
@@ -554,6 +579,7 @@ export class ReplicationSession {
     this.fenced = true;
     this.lastError = reason;
     this.o.log.warn({ volume: this.o.volume, reason }, 'volume failed over to its secondary; fenced read-only here');
+    if (this.queuedBytes > 0) this.o.writtenApart(); // acknowledged here, never reached the promoted copy
     this.unqueue();
     const e = new BlockError('EPERM', `volume "${this.o.volume}" has been failed over: ${reason}`);
     for (const w of this.cleanWaiters.splice(0)) w.reject(e);
@@ -573,7 +599,7 @@ export class ReplicationSession {
         const s = this.o.settings;
         c = await connectPeer(
           this.o.backendUri!,
-          { volume: this.o.volume, op: 'push', size: this.size, blockSize: this.o.local.blockSize, mode: this.o.local.mode, replMode: s.mode },
+          { volume: this.o.volume, op: 'push', size: this.size, blockSize: this.o.local.blockSize, mode: this.o.local.mode, replMode: s.mode, onLinkLoss: s.onLinkLoss },
           { timeoutMs: this.o.timeoutMs, allocation: true },
         );
         if (this.stopped) {
@@ -596,6 +622,7 @@ export class ReplicationSession {
         if (!this.rlog.initialSyncDone) await this.initialScan(c);
         await this.resync(c);
         if (this.client !== c) continue;
+        await this.peerUpToDate();
         if (!this.rlog.initialSyncDone) {
           await this.rlog.setInitialSyncDone(true);
           this.touched.clear();
@@ -652,6 +679,18 @@ export class ReplicationSession {
   private async resync(c: NbdClient): Promise<void> {
     if (!this.needCount) return;
     if (this.progress.phase !== 'initial') this.progress = { phase: 'resync', done: 0, total: this.needCount * this.o.regionSize };
+    // The secondary is Inconsistent from its first copied byte until the copy completed:
+    // it records that (durably) before anything lands, and hears the progress meanwhile.
+    await this.tellPeer(this.progressReport());
+    const reporter = setInterval(() => this.reportProgress(), PROGRESS_REPORT_MS);
+    try {
+      await this.copyNeeded(c);
+    } finally {
+      clearInterval(reporter);
+    }
+  }
+
+  private async copyNeeded(c: NbdClient): Promise<void> {
     const t0 = Date.now();
     let copied = 0;
     while (this.needCount && this.client === c) {
@@ -674,11 +713,66 @@ export class ReplicationSession {
     this.progress = { ...this.progress, done: this.progress.total };
   }
 
+  /** async, or sync that degrades: writes are acknowledged before the secondary has them */
+  private get lagging(): boolean {
+    return this.o.settings.mode === 'async' || this.o.settings.onLinkLoss === 'degrade';
+  }
+
+  private progressReport(): Omit<PeerRequest, 'op' | 'volume'> {
+    const p = this.progress;
+    return { disk: 'Inconsistent', phase: p.phase === 'initial' ? 'initial' : 'resync', done: Math.min(p.done, p.total), total: p.total };
+  }
+
+  /** Record a state of the secondary there (durable there when this resolves). */
+  private async tellPeer(req: Omit<PeerRequest, 'op' | 'volume'>): Promise<void> {
+    if (this.o.backendUri === undefined) throw new Error('no backend');
+    if (this.peerWithoutStates) return;
+    const st = await peerState(this.o.backendUri, { volume: this.o.volume, ...req }, this.o.timeoutMs);
+    if (st.unsupported) {
+      // A snapblock server from before disk states: replicate without them.
+      this.peerWithoutStates = true;
+      this.o.log.warn({ volume: this.o.volume }, 'the secondary does not keep disk states (older snapblock): it cannot tell when it is Inconsistent');
+    }
+  }
+
+  /** Progress for the secondary's status; one report at a time, a lost one is not retried. */
+  private reportProgress(): void {
+    if (this.reporting) return;
+    this.reporting = this.tellPeer(this.progressReport())
+      .catch((err: Error) => this.o.log.debug({ volume: this.o.volume, err: err.message }, 'sync progress report failed'))
+      .finally(() => (this.reporting = undefined));
+  }
+
+  /**
+   * Nothing is dirty and the secondary flushed what it got: it is UpToDate, and shares this
+   * copy's generation (which ends a parting: what was written apart is there now).
+   */
+  private async peerUpToDate(): Promise<void> {
+    await this.reporting;
+    const c = this.client;
+    const gen = this.o.ownGeneration();
+    await this.tellPeer({ disk: 'UpToDate', gen, lagging: this.lagging });
+    // (a link lost meanwhile may have recorded a parting since: that one stands)
+    if (this.client === c && c) this.o.rejoined(gen);
+  }
+
+  /** Hold a region's copy back so that resyncs run at most at RESYNC_RATE bytes per second. */
+  private async throttle(bytes: number): Promise<void> {
+    if (!(RESYNC_RATE > 0)) return;
+    const now = Date.now();
+    const at = Math.max(now, this.nextCopyAt);
+    this.nextCopyAt = at + (1000 * bytes) / RESYNC_RATE;
+    if (at > now) await sleep(at - now);
+  }
+
   /** Copy one region to the secondary, holding writes to it back meanwhile. */
   private async copyRegion(c: NbdClient, r: number): Promise<number> {
     while (this.locks.has(r)) await this.locks.get(r);
     while (this.inflight.has(r)) await new Promise<void>((res) => this.drainWaiters.set(r, [...(this.drainWaiters.get(r) ?? []), res]));
     if (!this.isNeed(r)) return 0;
+    await this.throttle(this.o.regionSize);
+    if (!this.isNeed(r) || this.client !== c) return 0;
+    if (this.inflight.has(r) || this.locks.has(r)) return this.copyRegion(c, r); // written or taken while throttled: start over
     let unlock!: () => void;
     this.locks.set(r, new Promise((res) => (unlock = res)));
     let bytes = 0;
@@ -761,6 +855,9 @@ export class ReplicationSession {
         () => {},
       );
     }
+    // Nothing left to ship: the secondary need not count itself Outdated when the link ends.
+    const caughtUp = c && this.link === 'replicating' && this.needCount === 0 && this.queuedBytes === 0;
+    if (caughtUp && this.lagging) await this.tellPeer({ detach: 'clean' }).catch(() => {});
     this.client = undefined;
     if (this.link !== 'failed-over') this.link = 'stopped';
     if (c) await c.close().catch(() => {});
@@ -816,6 +913,7 @@ export class ReplicationSession {
       this.link = 'syncing';
       try {
         await this.resync(c);
+        if (this.client === c) await this.peerUpToDate();
       } catch (err) {
         this.linkLost(c, err as Error);
       }
