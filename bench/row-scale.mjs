@@ -1,31 +1,40 @@
 #!/usr/bin/env node
 // Pointer-table cost of a redirect-on-write volume (issue 17), at the storage layer, against
 // the built code in dist/:
-//   scattered: a 1 TiB row volume (4 KiB blocks), N 4 KiB writes at random blocks, flush:
+//   scattered: a 1 TiB row volume (4 KiB blocks), N 4 KiB writes at random blocks (--contiguous:
+//              blocks 0..N-1, the same writes with a table of N/4096 dense pages), flush:
 //              memory per mapped block (RSS, and the typed-array bytes V8 reports), the
 //              table's own estimate, then close: checkpoint bytes per mapped block.
 //   dense:     a 1 GiB row volume (4 KiB blocks): random 4 KiB writes into the fresh volume
 //              until every block is written (tables fill from sparse to dense), then random
 //              4 KiB writes and reads over the full volume, 32 in flight, ops/s (page cache).
-//   node --expose-gc bench/row-scale.mjs [--blocks 20000] [--rounds 5] [--only scattered|dense]
+//   table:     the pointer table alone, 1 GiB at 4 KiB blocks, every block mapped (dense pages):
+//              ns per random ptr()+birth() lookup and per set() of an existing block.
+//   node --expose-gc bench/row-scale.mjs [--blocks 20000] [--rounds 5] [--only scattered|dense|table] [--dist DIR]
+// --dist: another build's dist/ (with build/ beside it), to compare two builds on one machine.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ROOT, eachArg } from './lib.mjs';
 
-const { RowVolume } = await import(path.join(ROOT, 'dist/storage/row-volume.js'));
-const { default: pino } = await import('pino');
-const log = pino({ level: 'silent' });
-
 let blocks = 20000;
 let rounds = 5;
 let only;
+let dist = path.join(ROOT, 'dist');
+let contiguous = false;
 eachArg(process.argv.slice(2), (a, value) => {
   if (a === '--blocks') blocks = Number(value());
   else if (a === '--rounds') rounds = Number(value());
   else if (a === '--only') only = value();
+  else if (a === '--dist') dist = path.resolve(value());
+  else if (a === '--contiguous') contiguous = true;
   else throw new Error(`unknown argument ${a}`);
 });
+
+const { RowVolume } = await import(path.join(dist, 'storage/row-volume.js'));
+const { PointerTable } = await import(path.join(dist, 'storage/row-table.js'));
+const { default: pino } = await import('pino');
+const log = pino({ level: 'silent' });
 
 const KiB = 1024;
 const GiB = 1024 * 1024 * KiB;
@@ -57,7 +66,7 @@ async function scattered() {
   const n = (1024 * GiB) / BS;
   const rand = rng(17);
   const chosen = new Set();
-  while (chosen.size < blocks) chosen.add(Math.floor(rand() * n));
+  while (chosen.size < blocks) chosen.add(contiguous ? chosen.size : Math.floor(rand() * n));
   const payload = Buffer.alloc(BS, 0x5a);
   const before = memory();
   const t0 = performance.now();
@@ -121,7 +130,35 @@ async function dense() {
   return { ...res, randWriteMedian: median(res.randWriteIops), randReadMedian: median(res.randReadIops) };
 }
 
+function table() {
+  const n = GiB / BS;
+  const t = new PointerTable(n);
+  for (let l = 0; l < n; l++) t.set(l, l + 1, 1);
+  const rand = rng(5);
+  const blocksAt = Uint32Array.from({ length: 1 << 20 }, () => Math.floor(rand() * n));
+  const ns = (fn) => {
+    const best = [];
+    for (let r = 0; r < rounds; r++) {
+      const t0 = process.hrtime.bigint();
+      const k = fn();
+      best.push(Number(process.hrtime.bigint() - t0) / k);
+    }
+    return Number(Math.min(...best).toFixed(2));
+  };
+  let sink = 0;
+  const lookup = ns(() => {
+    for (let rep = 0; rep < 8; rep++) for (let i = 0; i < blocksAt.length; i++) sink += t.ptr(blocksAt[i]) + t.birth(blocksAt[i]);
+    return 8 * blocksAt.length;
+  });
+  const set = ns(() => {
+    for (let rep = 0; rep < 8; rep++) for (let i = 0; i < blocksAt.length; i++) t.set(blocksAt[i], i + 1, 2);
+    return 8 * blocksAt.length;
+  });
+  return { lookupNs: lookup, setNs: set, sink: sink > 0 };
+}
+
 const out = {};
-if (only !== 'dense') out.scattered = await scattered();
-if (only !== 'scattered') out.dense = await dense();
+if (!only || only === 'scattered') out.scattered = await scattered();
+if (!only || only === 'dense') out.dense = await dense();
+if (!only || only === 'table') out.table = table();
 process.stdout.write(JSON.stringify(out, null, 2) + '\n');
