@@ -7,7 +7,8 @@
 //              table's own estimate, then close: checkpoint bytes per mapped block.
 //   dense:     a 1 GiB row volume (4 KiB blocks): random 4 KiB writes into the fresh volume
 //              until every block is written (tables fill from sparse to dense), then random
-//              4 KiB writes and reads over the full volume, 32 in flight, ops/s (page cache).
+//              4 KiB writes and reads over the full volume, 32 in flight, ops/s (page cache),
+//              and process CPU µs per op.
 //   table:     the pointer table alone, 1 GiB at 4 KiB blocks, every block mapped (dense pages):
 //              ns per random ptr()+birth() lookup and per set() of an existing block.
 //   node --expose-gc bench/row-scale.mjs [--blocks 20000] [--rounds 5] [--only scattered|dense|table] [--dist DIR]
@@ -94,13 +95,19 @@ async function scattered() {
   };
 }
 
+/** process CPU µs (user + system, all threads) per operation of the last rate() call: steadier than ops/s on a shared machine */
+let lastCpuUs = 0;
+
 /** ops/s of `count` operations, `depth` in flight */
 async function rate(count, depth, op) {
   let next = 0;
   const t0 = performance.now();
+  const c0 = process.cpuUsage();
   await Promise.all(Array.from({ length: depth }, async () => {
     while (next < count) await op(next++);
   }));
+  const c = process.cpuUsage(c0);
+  lastCpuUs = Number(((c.user + c.system) / count).toFixed(2));
   return Math.round(count / ((performance.now() - t0) / 1000));
 }
 
@@ -119,15 +126,17 @@ async function dense() {
   const payload = Buffer.alloc(BS, 0xa5);
   const fill = await rate(n, 32, (i) => v.write(order[i] * BS, payload));
   await v.flush();
-  const res = { fillWriteIops: fill, randWriteIops: [], randReadIops: [] };
+  const res = { fillWriteIops: fill, fillCpuUs: lastCpuUs, randWriteIops: [], randReadIops: [], randWriteCpuUs: [], randReadCpuUs: [] };
   for (let r = 0; r < rounds; r++) {
     res.randWriteIops.push(await rate(100_000, 32, () => v.write(Math.floor(rand() * n) * BS, payload)));
+    res.randWriteCpuUs.push(lastCpuUs);
     res.randReadIops.push(await rate(100_000, 32, () => v.read(Math.floor(rand() * n) * BS, BS)));
+    res.randReadCpuUs.push(lastCpuUs);
   }
   await v.close();
   fs.rmSync(dir, { recursive: true, force: true });
   const median = (a) => [...a].sort((x, y) => x - y)[a.length >> 1];
-  return { ...res, randWriteMedian: median(res.randWriteIops), randReadMedian: median(res.randReadIops) };
+  return { ...res, randWriteMedian: median(res.randWriteIops), randReadMedian: median(res.randReadIops), randWriteCpuUsMedian: median(res.randWriteCpuUs), randReadCpuUsMedian: median(res.randReadCpuUs) };
 }
 
 function table() {
