@@ -135,7 +135,7 @@ export class PointerTable {
     }
   }
 
-  /** [block, pointer, birth] of every present block, in no particular order. */
+  /** [block, pointer, birth] of every present block, in no particular order; collected first, so the caller may change the table meanwhile. */
   *entries(): Generator<[number, number, number]> {
     const all: Array<[number, number, number]> = [];
     this.forEachEntry((l, p, b) => all.push([l, p, b]));
