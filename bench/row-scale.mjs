@@ -10,7 +10,8 @@
 //              4 KiB writes and reads over the full volume, 32 in flight, ops/s (page cache),
 //              and process CPU µs per op.
 //   table:     the pointer table alone, 1 GiB at 4 KiB blocks, every block mapped (dense pages):
-//              ns per random ptr()+birth() lookup and per set() of an existing block.
+//              ns per set() filling an empty table in order and in random order, per random ptr()+birth()
+//              lookup and per set() of an existing block (best of --rounds).
 //   node --expose-gc bench/row-scale.mjs [--blocks 20000] [--rounds 5] [--only scattered|dense|table] [--dist DIR]
 // --dist: another build's dist/ (with build/ beside it), to compare two builds on one machine.
 import fs from 'node:fs';
@@ -141,9 +142,26 @@ async function dense() {
 
 function table() {
   const n = GiB / BS;
-  const t = new PointerTable(n);
-  for (let l = 0; l < n; l++) t.set(l, l + 1, 1);
   const rand = rng(5);
+  // filling an empty table in random order: every page goes through its sparse form first
+  const order = Uint32Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(rand() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  const fills = [];
+  const seqFills = [];
+  let t;
+  for (let r = 0; r < rounds; r++) {
+    t = new PointerTable(n);
+    let t0 = process.hrtime.bigint();
+    for (let l = 0; l < n; l++) t.set(l, l + 1, 1);
+    seqFills.push(Number(process.hrtime.bigint() - t0) / n);
+    t = new PointerTable(n);
+    t0 = process.hrtime.bigint();
+    for (let i = 0; i < n; i++) t.set(order[i], order[i] + 1, 1);
+    fills.push(Number(process.hrtime.bigint() - t0) / n);
+  }
   const blocksAt = Uint32Array.from({ length: 1 << 20 }, () => Math.floor(rand() * n));
   const ns = (fn) => {
     const best = [];
@@ -163,7 +181,7 @@ function table() {
     for (let rep = 0; rep < 8; rep++) for (let i = 0; i < blocksAt.length; i++) t.set(blocksAt[i], i + 1, 2);
     return 8 * blocksAt.length;
   });
-  return { lookupNs: lookup, setNs: set, sink: sink > 0 };
+  return { seqFillSetNs: Number(Math.min(...seqFills).toFixed(2)), fillSetNs: Number(Math.min(...fills).toFixed(2)), lookupNs: lookup, setNs: set, sink: sink > 0 };
 }
 
 const out = {};

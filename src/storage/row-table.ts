@@ -85,9 +85,11 @@ export class PointerTable {
     const page = new Uint32Array(2 * PAGE_ENTRIES);
     let maxBirth = 0;
     const base = i * PAGE_ENTRIES;
-    for (let j = 0; j < PAGE_ENTRIES; j++) {
+    // the page's entries: DENSE_AT counted plus the one just added (stop once all are found: a sequential fill finds them first)
+    for (let j = 0, left = DENSE_AT + 1; j < PAGE_ENTRIES && left > 0; j++) {
       const k = this.sparse.slotOf(base + j);
       if (k < 0) continue;
+      left--;
       page[j] = this.sparse.ptrAt(k);
       page[PAGE_ENTRIES + j] = this.sparse.birthAt(k);
       if (page[PAGE_ENTRIES + j] > maxBirth) maxBirth = page[PAGE_ENTRIES + j];
