@@ -80,6 +80,7 @@ describe('row volume scale (issue 17)', () => {
     const last = await RowVolume.open(dir, { log });
     expect(await firstWrong(last, second, 2)).toBeUndefined();
     await last.close();
+    fs.rmSync(path.dirname(dir), { recursive: true, force: true }); // 512 MiB of data: kept only after a failure
   });
 });
 
