@@ -7,11 +7,16 @@ import path from 'node:path';
 export const ATOMIC_TMP = /\.tmp-\d+$/;
 
 export function writeFileAtomic(file: string, data: string | Buffer): void {
+  replaceFileAtomic(file, (fd) => fs.writeFileSync(fd, data));
+}
+
+/** Like writeFileAtomic, for content written piece by piece by write(fd); a throw leaves the old file and no temp file. */
+export function replaceFileAtomic(file: string, write: (fd: number) => void): void {
   const tmp = `${file}.tmp-${process.pid}`;
   try {
     const fd = fs.openSync(tmp, 'w', 0o600);
     try {
-      fs.writeFileSync(fd, data);
+      write(fd);
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);

@@ -63,6 +63,17 @@ export class DeltaMap {
     }
   }
 
+  /** slots, for walking the map a slot at a time (keyAt) */
+  get capacity(): number {
+    return this.blocks.length;
+  }
+
+  /** the block in a slot, or -1 for an empty slot */
+  keyAt(slot: number): number {
+    const l = this.blocks[slot];
+    return l === EMPTY ? -1 : l;
+  }
+
   ptrAt(slot: number): number {
     return this.ptrs[slot];
   }
@@ -76,20 +87,27 @@ export class DeltaMap {
   }
 
   set(l: number, e: DeltaEntry): this {
+    this.put(l, e.p, e.birth);
+    return this;
+  }
+
+  /** set() without an entry object (the pointer table's write path); true if l was not present */
+  put(l: number, p: number, birth: number): boolean {
     if (l === EMPTY) throw new RangeError(`block ${l} cannot be a delta key`);
     if ((this.count + 1) * 2 > this.blocks.length) this.rehash(this.blocks.length * 2);
     const mask = this.blocks.length - 1;
     let i = this.home(l);
     while (this.blocks[i] !== EMPTY && this.blocks[i] !== l) i = (i + 1) & mask;
-    if (this.blocks[i] === EMPTY) {
+    const added = this.blocks[i] === EMPTY;
+    if (added) {
       this.blocks[i] = l;
       this.count++;
       if (l < this.lowest) this.lowest = l;
       if (l > this.highest) this.highest = l;
     }
-    this.ptrs[i] = e.p;
-    this.births[i] = e.birth;
-    return this;
+    this.ptrs[i] = p;
+    this.births[i] = birth;
+    return added;
   }
 
   delete(l: number): boolean {
@@ -126,6 +144,12 @@ export class DeltaMap {
   *[Symbol.iterator](): Generator<[number, DeltaEntry]> {
     const { blocks, ptrs, births } = this;
     for (let i = 0; i < blocks.length; i++) if (blocks[i] !== EMPTY) yield [blocks[i], { p: ptrs[i], birth: births[i] }];
+  }
+
+  /** Calls fn for every entry, with no object per entry; the map must not change meanwhile. */
+  forEach(fn: (l: number, p: number, birth: number) => void): void {
+    const { blocks, ptrs, births } = this;
+    for (let i = 0; i < blocks.length; i++) if (blocks[i] !== EMPTY) fn(blocks[i], ptrs[i], births[i]);
   }
 
   /** bytes held */

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as native from '../native/index.js';
-import { readCheckpoint, writeCheckpoint, type CheckpointData } from './checkpoint.js';
+import { CheckpointReader, readCheckpoint, writeCheckpoint, type CheckpointContent, type CheckpointData } from './checkpoint.js';
 import { Journal, type Rec } from './journal.js';
 import { Volume, SnapshotError } from './volume.js';
 import { BlockError, type MappedRange } from '../block/layer.js';
@@ -161,7 +161,7 @@ function poisoned(first: Error): BlockError {
 }
 
 /** A new volume directory: the data file (sparse, dataSize bytes) and the first checkpoint. */
-export function createVolumeFiles(dir: string, first: CheckpointData<VolumeMeta>, dataSize: number): void {
+export function createVolumeFiles(dir: string, first: CheckpointContent<VolumeMeta>, dataSize: number): void {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const fd = fs.openSync(path.join(dir, 'data'), 'w', 0o600);
   try {
@@ -175,12 +175,27 @@ export function createVolumeFiles(dir: string, first: CheckpointData<VolumeMeta>
 /** A volume directory's checkpoint, refused unless it is `format` (`what` names it) in versions 1..maxVersion. */
 export function readVolumeCheckpoint<M extends VolumeMeta>(dir: string, format: string, what: string, maxVersion: number): CheckpointData<M> {
   const ck = readCheckpoint<M>(path.join(dir, 'checkpoint'));
-  const m = ck.meta;
+  checkVolumeFormat(dir, ck.meta, format, what, maxVersion);
+  return ck;
+}
+
+/** readVolumeCheckpoint for checkpoints too large to hold whole: the caller reads the arrays (and calls end()). */
+export function openVolumeCheckpoint<M extends VolumeMeta>(dir: string, format: string, what: string, maxVersion: number): CheckpointReader<M> {
+  const r = CheckpointReader.open<M>(path.join(dir, 'checkpoint'));
+  try {
+    checkVolumeFormat(dir, r.meta, format, what, maxVersion);
+  } catch (err) {
+    r.close();
+    throw err;
+  }
+  return r;
+}
+
+function checkVolumeFormat(dir: string, m: VolumeMeta, format: string, what: string, maxVersion: number): void {
   if (m.format !== format) throw new Error(`${dir}: not a ${what} volume (format ${m.format})`);
   if (!(m.version >= 1 && m.version <= maxVersion)) {
     throw new Error(`${dir}: ${format} format version ${m.version} is not supported by this snapblock (it reads versions 1 to ${maxVersion}); upgrade snapblock`);
   }
-  return ck;
 }
 
 /**

@@ -11,7 +11,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import * as native from '../native/index.js';
 import type { BlockLayer, Extent, MappedRange } from '../block/layer.js';
-import { writeCheckpoint } from './checkpoint.js';
+import { writeCheckpoint, type CheckpointReader, type ChunkedArray } from './checkpoint.js';
 import { Journal, Kind, type Rec } from './journal.js';
 import { SnapshotError, mergeExtents, blocksToExtents, type PlacedRange, type ChangedExtent, type SnapshotInfo, type SnapshotTimer, type CloseOptions } from './volume.js';
 import { DiskRuns, readAt, readRuns, writeRuns } from './io.js';
@@ -19,13 +19,17 @@ import { PointerTable, PAGE_ENTRIES } from './row-table.js';
 import { ioBuffer } from '../block/io-buffers.js';
 import { writeAt } from './inline-write.js';
 import { DeltaMap } from './delta-map.js';
-import { JournaledVolume, createVolumeFiles, openJournalAndData, readVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
+import { JournaledVolume, createVolumeFiles, openJournalAndData, openVolumeCheckpoint, type VolumeMeta } from './journaled-volume.js';
 
 const UNALLOCATED = 0;
 /** deallocated on purpose: reads zero even where a base (clone parent) has data */
 const ZERO = 0xffffffff;
-/** 2: the pointer table is checkpointed as pages (row-table.ts); 1 (flat arrays) is read and upgraded */
-const FORMAT_VERSION = 2;
+/**
+ * 3: the pointer table is checkpointed sparsely, dense pages plus (block, pointer, birth)
+ * triples (row-table.ts), so a checkpoint follows the blocks mapped; 2 (every touched page
+ * whole) and 1 (flat arrays) are read and upgraded
+ */
+const FORMAT_VERSION = 3;
 /** block indexes and physical pointers + 1 are u32 in the journal; 0xFFFFFFFF is the ZERO marker */
 const MAX_BLOCKS = 0xfffffffe;
 /** checkpoint and restart the journal once it grows past this */
@@ -43,7 +47,7 @@ interface Snap {
 interface Meta extends VolumeMeta {
   format: 'snapblock-row';
   nextPhysical: number;
-  /** format 2: entries per pointer-table page */
+  /** formats 2 and 3: entries per pointer-table page */
   tablePage?: number;
   snapshots: Array<{ id: number; name: string; gen: number; size: number; created: string }>;
 }
@@ -85,28 +89,32 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   static create(dir: string, size: number, blockSize: number): void {
     checkBlockCount(size, blockSize);
     const meta: Meta = { format: 'snapblock-row', version: FORMAT_VERSION, epoch: 1, size, blockSize, gen: 1, nextPhysical: 0, nextSnapId: 1, tablePage: PAGE_ENTRIES, snapshots: [] };
-    const empty = new PointerTable(Math.ceil(size / blockSize)).encode();
+    const empty = new PointerTable(Math.ceil(size / blockSize)).checkpointArrays();
     createVolumeFiles(dir, { meta, arrays: { ...empty, delta: new Uint32Array(0) } }, 0);
   }
 
   static async open(dir: string, opts: RowOptions): Promise<RowVolume> {
-    const ck = readVolumeCheckpoint<Meta>(dir, 'snapblock-row', 'redirect-on-write', FORMAT_VERSION);
+    // The checkpoint is read piece by piece (it can exceed what one read returns) and checked
+    // whole before the journal is opened: a corrupt checkpoint changes nothing on disk.
+    const ck = openVolumeCheckpoint<Meta>(dir, 'snapblock-row', 'redirect-on-write', FORMAT_VERSION);
     const m = ck.meta;
-    const n = Math.ceil(m.size / m.blockSize);
     let table: PointerTable;
-    if (m.version === 1) table = PointerTable.fromFlat(n, ck.arrays.map, ck.arrays.birth);
-    else {
-      if (m.tablePage !== PAGE_ENTRIES) throw new Error(`${dir}: pointer-table pages of ${m.tablePage} entries are not supported (this snapblock uses ${PAGE_ENTRIES})`);
-      table = PointerTable.decode(n, ck.arrays.pages, ck.arrays.map, ck.arrays.birth);
+    let snaps: Snap[];
+    try {
+      table = readTable(dir, m, ck);
+      snaps = RowVolume.readSnapshots(m, ck);
+      ck.end();
+    } finally {
+      ck.close();
     }
     const { journal, records, discarded, fd } = openJournalAndData(dir, m.epoch);
     const v = new RowVolume(dir, m, table, journal, fd, opts);
-    v.loadSnapshots(m, ck.arrays.delta);
+    v.snaps = snaps;
     for (const r of records) v.replay(r);
     // Replayed volatile records may describe data still only in the page cache: sync it before the checkpoint.
     v.dataDirty = records.length > 0;
     await v.rebuildFreeList();
-    // Replayed or discarded records, or a format 1 checkpoint: write the state in the current format.
+    // Replayed or discarded records, or an older format's checkpoint: write the state in the current format.
     if (records.length || discarded || m.version !== FORMAT_VERSION) {
       if (m.version !== FORMAT_VERSION) opts.log.info({ dir, from: m.version, to: FORMAT_VERSION }, 'upgrading redirect-on-write volume format');
       await v.checkpoint();
@@ -114,9 +122,25 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     return v;
   }
 
-  private loadSnapshots(meta: Meta, delta: Uint32Array): void {
-    this.snaps = meta.snapshots.map((s) => ({ ...s, delta: new DeltaMap() }));
-    for (let i = 0; i < delta.length; i += 4) this.snapById(delta[i]).delta.set(delta[i + 1], { p: delta[i + 2], birth: delta[i + 3] });
+  /** The snapshots the checkpoint lists, with their deltas: array `delta` of (snapshot id, block, pointer, birth) quads. */
+  private static readSnapshots(meta: Meta, r: CheckpointReader<Meta>): Snap[] {
+    const snaps = meta.snapshots.map((s) => ({ ...s, delta: new DeltaMap() }));
+    const byId = new Map(snaps.map((s) => [s.id, s]));
+    r.begin('delta');
+    r.takeRecords(4, (c) => {
+      for (let k = 0; k < c.length; k += 4) {
+        const s = byId.get(c[k]);
+        if (!s) throw new Error(`checkpoint delta names unknown snapshot id ${c[k]}`);
+        s.delta.put(c[k + 1], c[k + 2], c[k + 3]);
+      }
+    });
+    return snaps;
+  }
+
+  /** The deltas as checkpoint array `delta`, produced while the file is written. */
+  private deltaArray(): ChunkedArray {
+    const snaps = this.snaps;
+    return { length: 4 * snaps.reduce((k, s) => k + s.delta.size, 0), chunks: () => deltaChunks(snaps) };
   }
 
   private replay(r: Rec): void {
@@ -158,7 +182,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   /** Every physical block below the high-water mark that nothing owns is free; make sure it holds no old data. */
   private async rebuildFreeList(): Promise<void> {
     const used = new Uint8Array(this.meta.nextPhysical);
-    for (const p of this.owners()) used[p.p - 1] = 1;
+    this.forEachOwner((p) => (used[p - 1] = 1));
     this.free = [];
     for (let p = this.meta.nextPhysical - 1; p >= 0; p--) if (!used[p]) this.free.push(p);
     // Blocks written but never journaled (a crash before their flush) lie past the high-water mark.
@@ -192,12 +216,12 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     await Promise.all(jobs);
   }
 
-  /** Every owned physical pointer: the live table's and each delta's. */
-  private *owners(): Generator<{ p: number; where: string }> {
-    for (const [l, p] of this.table.entries()) {
-      if (p !== UNALLOCATED && p !== ZERO) yield { p, where: `volume block ${l}` };
-    }
-    for (const s of this.snaps) for (const [l, e] of s.delta) yield { p: e.p, where: `snapshot "${s.name}" block ${l}` };
+  /** Calls fn for every owned physical pointer (physical + 1): the live table's (snap undefined) and each delta's. */
+  private forEachOwner(fn: (p: number, l: number, snap?: Snap) => void): void {
+    this.table.forEachEntry((l, p) => {
+      if (p !== UNALLOCATED && p !== ZERO) fn(p, l);
+    });
+    for (const s of this.snaps) s.delta.forEach((l, p) => fn(p, l, s));
   }
 
   private allocate(): number {
@@ -485,13 +509,11 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   /** Write the whole state as a new checkpoint, then start a new journal epoch. */
   private async checkpoint(): Promise<void> {
     await this.flushNoCheckpoint();
-    const delta: number[] = [];
-    for (const s of this.snaps) for (const [l, e] of s.delta) delta.push(s.id, l, e.p, e.birth);
     const epoch = this.meta.epoch + 1;
     const meta: Meta = { ...this.meta, epoch, snapshots: this.snaps.map(({ delta: _d, ...rest }) => rest) };
     meta.version = FORMAT_VERSION;
     meta.tablePage = PAGE_ENTRIES;
-    writeCheckpoint(path.join(this.dir, 'checkpoint'), { meta, arrays: { ...this.table.encode(), delta: Uint32Array.from(delta) } });
+    writeCheckpoint(path.join(this.dir, 'checkpoint'), { meta, arrays: { ...this.table.checkpointArrays(), delta: this.deltaArray() } });
     this.meta = meta;
     await this.journal.reset(epoch);
   }
@@ -623,16 +645,17 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
 
   async check(): Promise<string[]> {
     await this.punching; // released blocks still being scrubbed would look leaked
-    const problems: string[] = [];
+    const problems = this.table.verify();
     const bs = this.meta.blockSize;
-    const owner = new Map<number, string>();
-    for (const o of this.owners()) {
-      if (o.p - 1 >= this.meta.nextPhysical) problems.push(`${o.where} points past the allocated area (block ${o.p - 1})`);
-      const prev = owner.get(o.p);
-      if (prev) problems.push(`physical block ${o.p - 1} is owned twice: by ${prev} and ${o.where}`);
-      owner.set(o.p, o.where);
-    }
-    this.table.forEach((l, _p, birth) => {
+    // owners per physical block, counted up to 2: a byte per block of data, not a map of names
+    const owners = new Uint8Array(this.meta.nextPhysical);
+    let ownedTwice = false;
+    this.forEachOwner((p, l, snap) => {
+      if (p - 1 >= this.meta.nextPhysical) problems.push(`${ownerName(l, snap)} points past the allocated area (block ${p - 1})`);
+      else if (owners[p - 1] < 2 && ++owners[p - 1] === 2) ownedTwice = true;
+    });
+    if (ownedTwice) problems.push(...this.sharedOwners(owners));
+    this.table.forEachEntry((l, _p, birth) => {
       if (birth > this.meta.gen) problems.push(`volume block ${l} born in future generation ${birth}`);
     });
     if (this.table.length < Math.ceil(this.meta.size / bs)) problems.push(`pointer table covers ${this.table.length} blocks but the volume has ${Math.ceil(this.meta.size / bs)}`);
@@ -647,9 +670,22 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
     for (const e of await native.extents(this.fd, 0, Number.MAX_SAFE_INTEGER)) {
       if (!e.data) continue;
       for (let p = Math.floor(e.offset / bs); p * bs < e.offset + e.length; p++) {
-        if (!owner.has(p + 1) && !pendingFree.has(p)) problems.push(`physical block ${p} holds data but nothing owns it (leak)`);
+        if (!owners[p] && !pendingFree.has(p)) problems.push(`physical block ${p} holds data but nothing owns it (leak)`);
       }
     }
+    return problems;
+  }
+
+  /** "owned twice" problems for the blocks counted twice: a second pass naming their owners */
+  private sharedOwners(owners: Uint8Array): string[] {
+    const first = new Map<number, string>();
+    const problems: string[] = [];
+    this.forEachOwner((p, l, snap) => {
+      if (owners[p - 1] !== 2) return;
+      const prev = first.get(p);
+      if (prev === undefined) first.set(p, ownerName(l, snap));
+      else problems.push(`physical block ${p - 1} is owned twice: by ${prev} and ${ownerName(l, snap)}`);
+    });
     return problems;
   }
 
@@ -673,6 +709,42 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
   }
 }
 
+
+/** Reads the pointer table of a checkpoint in any supported format. */
+function readTable(dir: string, m: Meta, r: CheckpointReader<Meta>): PointerTable {
+  const n = Math.ceil(m.size / m.blockSize);
+  if (m.version === 1) {
+    const map = r.take(r.begin('map'));
+    return PointerTable.fromFlat(n, map, r.take(r.begin('birth')));
+  }
+  if (m.tablePage !== PAGE_ENTRIES) throw new Error(`${dir}: pointer-table pages of ${m.tablePage} entries are not supported (this snapblock uses ${PAGE_ENTRIES})`);
+  return m.version === 2 ? PointerTable.readFormat2(n, r) : PointerTable.read(n, r);
+}
+
+/** every snapshot's delta as (snapshot id, block, pointer, birth) quads, in bounded chunks */
+function* deltaChunks(snaps: Snap[]): Generator<Uint32Array> {
+  const chunk = new Uint32Array(4 * 16384);
+  let k = 0;
+  for (const s of snaps) {
+    for (let slot = 0; slot < s.delta.capacity; slot++) {
+      const l = s.delta.keyAt(slot);
+      if (l < 0) continue;
+      chunk[k++] = s.id;
+      chunk[k++] = l;
+      chunk[k++] = s.delta.ptrAt(slot);
+      chunk[k++] = s.delta.birthAt(slot);
+      if (k === chunk.length) {
+        yield chunk; // written out before the generator resumes
+        k = 0;
+      }
+    }
+  }
+  if (k > 0) yield chunk.subarray(0, k);
+}
+
+function ownerName(l: number, snap: Snap | undefined): string {
+  return snap ? `snapshot "${snap.name}" block ${l}` : `volume block ${l}`;
+}
 
 /** Block indexes and physical pointers + 1 must fit the journal's u32 fields. */
 function checkBlockCount(size: number, blockSize: number): void {
