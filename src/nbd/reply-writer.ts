@@ -103,17 +103,6 @@ export class ReplyWriter {
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
-  /** Call cb once nothing is pending here or in Node's queue (or the connection is gone). */
-  onDrained(cb: () => void): void {
-    const check = (): void => {
-      if (this.closed) cb();
-      else if (!this.isIdle()) this.idleWaiters.push(check);
-      else if (this.socket.writableLength > 0) this.socket.once('drain', check);
-      else cb();
-    };
-    check();
-  }
-
   /** a new reply must queue behind a pool send, a wait for Node's queue to drain, or held replies */
   private get mustWait(): boolean {
     return this.poolBusy || this.waitingDrain || this.held.length > 0;
