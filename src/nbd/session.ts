@@ -170,12 +170,6 @@ export class Session {
   private pump(): void {
     try {
       while (!this.throttled) {
-        if (this.holdsMore(1)) {
-          // Too much queued (most often: the client is not reading its replies): stop
-          // taking requests until work completes and it reads.
-          this.throttle();
-          return;
-        }
         if (this.drainLeft > 0) {
           this.drainLeft -= this.queue.skip(this.drainLeft);
           if (this.drainLeft > 0) return;
@@ -199,6 +193,13 @@ export class Session {
         if (this.stopping) {
           this.socket.pause();
           this.settleIfIdle();
+          return;
+        }
+        if (this.holdsMore(1)) {
+          // Too much queued (most often: the client is not reading its replies): take no
+          // new request until work completes and it reads. Checked here, between requests,
+          // so that a request whose payload is arriving is never left half received.
+          this.throttle();
           return;
         }
         if (this.queue.length < HEADER) return;
