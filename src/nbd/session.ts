@@ -599,7 +599,8 @@ export class Session {
   }
 
   private readonly resumeIfRoom = (): void => {
-    if (this.throttled && (this.closed || !this.holdsMore(0.5))) this.unthrottle();
+    // A connection that is gone stays throttled: what it left queued is not worth running.
+    if (this.throttled && !this.socket.destroyed && !this.holdsMore(0.5)) this.unthrottle();
   };
 
   private unthrottle(): void {
