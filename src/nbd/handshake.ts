@@ -50,6 +50,12 @@ export interface Negotiated {
 /** Thrown to end negotiation by closing the connection. */
 export class HangUp extends Error {}
 
+/**
+ * The client's bytes during negotiation, pulled: the socket flows only while read() waits
+ * for bytes, so what we hold is what one option needs plus one socket read. A client that
+ * floods options whose replies it does not read therefore fills its own socket buffers,
+ * not our memory (the option loop also waits for written replies to drain).
+ */
 class SocketReader {
   readonly queue = new ByteQueue();
   private wake?: () => void;
@@ -71,6 +77,7 @@ class SocketReader {
     this.socket = socket;
     this.ended = false;
     socket.on('data', this.onData).on('end', this.onEnd).on('close', this.onEnd).on('error', this.onEnd);
+    socket.pause(); // adding a 'data' listener made it flow; read() lets it flow while it waits
   }
 
   detach(): void {
@@ -80,11 +87,39 @@ class SocketReader {
   async read(n: number): Promise<Buffer> {
     while (this.queue.length < n) {
       if (this.ended) throw new HangUp('client closed the connection during negotiation');
+      this.socket.resume();
       await new Promise<void>((resolve) => (this.wake = resolve));
       this.wake = undefined;
     }
+    this.socket.pause();
     return this.queue.take(n);
   }
+
+  /**
+   * Drop every byte received so far: what is queued here and what the (detached, paused)
+   * socket still buffers. Returns how many bytes were dropped.
+   */
+  discardReceived(): number {
+    let dropped = this.queue.skip(this.queue.length);
+    for (let c = this.socket.read() as Buffer | null; c; c = this.socket.read() as Buffer | null) dropped += c.length;
+    return dropped;
+  }
+}
+
+/** Resolves once the socket has written out what it buffered; a closed socket ends negotiation. */
+function writesDrained(socket: net.Socket): Promise<void> {
+  if (!socket.writableNeedDrain) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const onDrain = () => {
+      socket.off('close', onClose);
+      resolve();
+    };
+    const onClose = () => {
+      socket.off('drain', onDrain);
+      reject(new HangUp('client closed the connection while its option replies were unread'));
+    };
+    socket.once('drain', onDrain).once('close', onClose);
+  });
 }
 
 export async function negotiate(raw: net.Socket, cfg: HandshakeConfig): Promise<Negotiated> {
@@ -117,6 +152,9 @@ export async function negotiate(raw: net.Socket, cfg: HandshakeConfig): Promise<
   noZeroes = (clientFlags & ClientFlag.NO_ZEROES) !== 0;
 
   for (;;) {
+    // A client that does not read its option replies gets no more of them: we stop reading
+    // its options (the socket stays paused) until what we wrote has left (issue 16).
+    await writesDrained(socket);
     const head = await reader.read(16);
     if (head.readBigUInt64BE(0) !== IHAVEOPT) throw new HangUp('bad option magic');
     const opt = head.readUInt32BE(8);
@@ -147,6 +185,13 @@ export async function negotiate(raw: net.Socket, cfg: HandshakeConfig): Promise<
         if (isTls) { replyError(opt, Rep.ERR_INVALID, 'TLS is already active'); break; }
         reply(opt, Rep.ACK);
         reader.detach();
+        // Bytes that came after the STARTTLS option and before the TLS handshake are
+        // plaintext anyone on the path could have injected (class of CVE-2021-3716): they
+        // are discarded, as nbdkit does, never read as options or requests under TLS.
+        // (A client must wait for this ACK before sending more; bytes it sends later go to
+        // the TLS layer, where plaintext fails the handshake and ends the connection.)
+        const injected = reader.discardReceived();
+        if (injected) cfg.log.warn({ bytes: injected }, 'discarded plaintext sent after STARTTLS');
         socket = await upgradeToTls(raw, cfg.tls);
         reader.attach(socket);
         isTls = true;

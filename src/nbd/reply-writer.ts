@@ -32,6 +32,15 @@ export class ReplyWriter {
   private corked = false;
   private closed = false;
   private idleWaiters: Array<() => void> = [];
+  /** buffers handed to Node's stream whose writes have not completed yet */
+  private streamed = 0;
+  /** Called as queued replies leave, while set: the session's back-pressure waits on it. */
+  onLeft?: () => void;
+  /** the write callback of every buffer (one shared function: no allocation per reply) */
+  private readonly wrote = (): void => {
+    this.streamed--;
+    this.onLeft?.();
+  };
 
   /** pool: the socket's descriptor where pool sends are possible (plaintext), else undefined */
   constructor(
@@ -43,6 +52,7 @@ export class ReplyWriter {
       for (const r of this.held.splice(0)) r.after?.();
       this.heldBytes = 0;
       this.settle();
+      this.onLeft?.();
     });
   }
 
@@ -54,6 +64,15 @@ export class ReplyWriter {
   /** bytes accepted but not yet handed to the kernel */
   get pendingBytes(): number {
     return this.socket.writableLength + this.heldBytes;
+  }
+
+  /**
+   * Buffers and replies accepted but not yet handed to the kernel. Each costs memory beyond
+   * its bytes (a Buffer object, an entry in Node's write queue), which for small replies is
+   * most of it: the session bounds this count as well as pendingBytes.
+   */
+  get pendingEntries(): number {
+    return this.streamed + this.held.length;
   }
 
   send(bufs: Buffer[], after?: () => void): void {
@@ -82,17 +101,6 @@ export class ReplyWriter {
   flushed(): Promise<void> {
     if (this.isIdle()) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
-  }
-
-  /** Call cb once nothing is pending here or in Node's queue (or the connection is gone). */
-  onDrained(cb: () => void): void {
-    const check = (): void => {
-      if (this.closed) cb();
-      else if (!this.isIdle()) this.idleWaiters.push(check);
-      else if (this.socket.writableLength > 0) this.socket.once('drain', check);
-      else cb();
-    };
-    check();
   }
 
   /** a new reply must queue behind a pool send, a wait for Node's queue to drain, or held replies */
@@ -131,8 +139,13 @@ export class ReplyWriter {
   private streamWrite(bufs: Buffer[], after?: () => void): void {
     this.corkUntil(process.nextTick);
     for (let i = 0; i < bufs.length; i++) {
-      if (i === bufs.length - 1 && after) this.socket.write(bufs[i], () => after());
-      else this.socket.write(bufs[i]);
+      this.streamed++;
+      if (i === bufs.length - 1 && after) {
+        this.socket.write(bufs[i], () => {
+          this.wrote();
+          after();
+        });
+      } else this.socket.write(bufs[i], this.wrote);
     }
   }
 
@@ -191,6 +204,7 @@ export class ReplyWriter {
       }
     }
     this.settle();
+    this.onLeft?.();
   }
 }
 

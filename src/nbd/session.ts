@@ -1,7 +1,8 @@
 // Transmission phase of one connection: decode requests as bytes arrive, hand each
 // to the export's block layer at once (many in flight, replies in completion order),
-// and encode replies. Memory per connection is bounded: past maxInflightBytes of
-// payloads and pending replies we stop reading the socket until work completes.
+// and encode replies. Memory per connection is bounded: past MAX_QUEUED requests in
+// flight or unsent reply buffers, or maxInflightBytes of either (counted with a cost per
+// entry), we stop reading the socket until work completes and the client reads.
 import type net from 'node:net';
 import type { Logger } from 'pino';
 import type { BlockLayer, InPlaceWrite, MappedRange } from '../block/layer.js';
@@ -26,6 +27,19 @@ const SPARSE_READ_MIN = 64 * 1024;
 const MAX_DESCRIPTORS = 64 * 1024;
 /** write payloads at least this long are received straight into their own buffer */
 const DIRECT_PAYLOAD_MIN = 64 * 1024;
+/**
+ * Requests in flight, and reply buffers not yet handed to the kernel, that one connection may
+ * hold before its socket stops being read. Far above any real client's queue depth (the Linux
+ * client: 128 per connection): only a client that does not read its replies reaches it.
+ */
+const MAX_QUEUED = 4096;
+/**
+ * Memory a queued reply buffer costs beyond its bytes (Buffer object, Node's write-queue
+ * entry): measured ~210-250 B (1M unread 16-byte replies grew the server 205-253 MiB).
+ */
+const REPLY_ENTRY_COST = 256;
+/** Memory a request in flight costs beyond its payload (request, promise, closures): an estimate. */
+const REQUEST_COST = 1024;
 /** holes of a mapped read that must travel as data */
 const ZEROES = Buffer.alloc(1024 * 1024);
 
@@ -156,13 +170,6 @@ export class Session {
   private pump(): void {
     try {
       while (!this.throttled) {
-        if (this.out.pendingBytes > this.cfg.maxInflightBytes) {
-          // The client is not reading its replies: stop taking requests until it does.
-          this.throttled = true;
-          this.socket.pause();
-          this.out.onDrained(() => this.unthrottle());
-          return;
-        }
         if (this.drainLeft > 0) {
           this.drainLeft -= this.queue.skip(this.drainLeft);
           if (this.drainLeft > 0) return;
@@ -186,6 +193,13 @@ export class Session {
         if (this.stopping) {
           this.socket.pause();
           this.settleIfIdle();
+          return;
+        }
+        if (this.holdsMore(1)) {
+          // Too much queued (most often: the client is not reading its replies): take no
+          // new request until work completes and it reads. Checked here, between requests,
+          // so that a request whose payload is arriving is never left half received.
+          this.throttle();
           return;
         }
         if (this.queue.length < HEADER) return;
@@ -315,7 +329,7 @@ export class Session {
       return;
     }
     // Memory this request holds until it completes (bytes landed in place hold none of ours).
-    const bytes = req.type === Cmd.READ ? req.length : payload instanceof Buffer ? payload.length : 0;
+    const bytes = req.type === Cmd.READ ? req.length : payload instanceof Buffer ? payload.length : req.type === Cmd.BLOCK_STATUS ? this.blockStatusReplyBound(req) : 0;
     this.stats.requests++;
     this.begin(bytes);
     this.execute(req, payload).then(
@@ -479,6 +493,11 @@ export class Session {
     });
   }
 
+  /** The most a BLOCK_STATUS reply can take: every context's descriptors, at most one per 512-byte sector. */
+  private blockStatusReplyBound(req: Request): number {
+    return this.contexts.length * (20 + 4 + 8 * Math.min(MAX_DESCRIPTORS, Math.ceil(req.length / 512)));
+  }
+
   private allocationContext(): MetaContextSource {
     return {
       name: BASE_ALLOCATION,
@@ -536,33 +555,58 @@ export class Session {
   }
 
   // ---- back-pressure ----
+  // Two sides are bounded, each by count and by bytes: requests in flight (payload or read
+  // length, plus REQUEST_COST each) and replies not yet handed to the kernel (their bytes plus
+  // REPLY_ENTRY_COST per buffer). Counting bytes alone let 1M unread 16-byte error replies
+  // (16 MB of bytes) cost 250 MiB of heap (issue 16). Past either bound the socket is not
+  // read; reading resumes once both sides are under half, so a client that drains its
+  // replies gets going again before its queue is empty. All plain integer arithmetic.
+
+  /** whether requests in flight or unsent replies exceed `share` of their bounds */
+  private holdsMore(share: number): boolean {
+    const maxBytes = this.cfg.maxInflightBytes * share;
+    const maxEntries = MAX_QUEUED * share;
+    const replies = this.out.pendingEntries;
+    return (
+      this.inflight > maxEntries ||
+      replies > maxEntries ||
+      this.inflightBytes + this.inflight * REQUEST_COST > maxBytes ||
+      this.out.pendingBytes + replies * REPLY_ENTRY_COST > maxBytes
+    );
+  }
 
   private begin(bytes: number): void {
     this.inflight++;
     this.inflightBytes += bytes;
-    if (!this.throttled && this.inflightBytes > this.cfg.maxInflightBytes) {
-      this.throttled = true;
-      this.socket.pause();
-    }
   }
 
   private end(bytes: number): void {
     this.inflight--;
     this.inflightBytes -= bytes;
     this.settleIfIdle();
-    if (this.throttled && this.inflightBytes <= this.cfg.maxInflightBytes / 2) {
-      if (this.out.pendingBytes > this.cfg.maxInflightBytes) this.out.onDrained(() => this.unthrottle());
-      else this.unthrottle();
-    }
+    if (this.throttled) this.resumeIfRoom();
   }
 
   private settleIfIdle(): void {
     if (this.isIdle()) for (const w of this.idleWaiters.splice(0)) w();
   }
 
+  /** Stop reading the socket; requests completing and replies leaving call resumeIfRoom. */
+  private throttle(): void {
+    this.throttled = true;
+    this.socket.pause();
+    this.out.onLeft = this.resumeIfRoom;
+  }
+
+  private readonly resumeIfRoom = (): void => {
+    // A connection that is gone stays throttled: what it left queued is not worth running.
+    if (this.throttled && !this.socket.destroyed && !this.holdsMore(0.5)) this.unthrottle();
+  };
+
   private unthrottle(): void {
     if (!this.throttled) return;
     this.throttled = false;
+    this.out.onLeft = undefined;
     this.socket.resume();
     this.pump();
   }
