@@ -12,7 +12,9 @@
 // The scenario itself is scenario_persist in scripts/guest/init.sh.
 //
 // SNAPBLOCK_PERSIST_CLI=/path/to/bin/snapblock.js runs the same test against another build
-// of the server (e.g. one from before acknowledged writes survived kill -9), by hand.
+// of the server, by hand. Against 09bddc3 (before a7d163d made acknowledged but unflushed
+// writes survive kill -9 on row volumes) row fails: two of the writer's O_DIRECT files,
+// acknowledged before the kill, read back wrong; cow and mirror pass there too.
 import { spawn, spawnSync } from 'node:child_process';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ensureGuestBuilt, freePort, runGuest } from './helpers/guest.js';
@@ -66,7 +68,7 @@ const show = (r: { ok: boolean; log: string; result?: string }) => (r.ok ? '' : 
 
 describe('kernel nbd client (QEMU guest): kill -9 of the server mid-load, restart, reconnect', () => {
   for (const mode of ['row', 'cow', 'mirror']) {
-    it(`${mode}: ext4 keeps every completed write, e2fsck -fn clean`, { timeout: 420_000 }, async () => {
+    it(`${mode}: ext4 keeps every completed write, e2fsck -fn clean`, { timeout: 300_000 }, async () => {
       const pool = tempDir(`persist-${mode}-`);
       const created = cli(pool, ['volume', 'create', 'v', '256M', '--snapshot-mode', mode]);
       expect(created.status, created.stderr).toBe(0);
@@ -80,7 +82,7 @@ describe('kernel nbd client (QEMU guest): kill -9 of the server mid-load, restar
         port,
         exportName: 'v',
         scenario: 'persist',
-        timeoutMs: 360_000,
+        timeoutMs: 240_000, // ~45-75 s here
         // -t 15: in-flight requests of the dead connection are resent on the new one when
         // they time out, so this bounds the stall after the reconnect (TCG is slow: not less)
         extra: { NBD_TIMEOUT: '15' },
@@ -115,10 +117,10 @@ describe('kernel nbd client (QEMU guest): kill -9 of the server mid-load, restar
       expect(writer).toBeGreaterThanOrEqual(atReconnect + 4);
       // every one of them was checked by sha256 after a detach and a fresh attach
       expect(r.sums.split('\n').filter(Boolean)).toHaveLength(before + writer + after);
-      // the reconnection and the final attach both went to the restarted server
-      expect(endedSessions(second.logs(), 'v').length).toBeGreaterThanOrEqual(2);
 
       expect(await second.stop()).toBe(0);
+      // the reconnection and the final attach both went to the restarted server
+      expect(endedSessions(second.logs(), 'v').length).toBeGreaterThanOrEqual(2);
       const check = cli(pool, ['--json', 'check']);
       expect(JSON.parse(check.stdout).ok, check.stdout + check.stderr).toBe(true);
     });

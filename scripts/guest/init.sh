@@ -42,7 +42,7 @@ PERSIST_BEFORE=8       # files written + fsynced before the writer starts
 PERSIST_MARK_AT=4      # the writer's file count at which it prints the kill marker
 PERSIST_WRITER_AFTER=4 # writer files that must complete after the reconnect
 PERSIST_AFTER=8        # buffered files written once the writer stopped
-PERSIST_WAIT=240       # seconds to wait for the reconnect after the marker
+PERSIST_WAIT=120       # seconds to wait for the reconnect once the writer started
 # shellcheck disable=SC1091 # written by run.sh
 [ -f /snapblock/settings.env ] && . /snapblock/settings.env
 
