@@ -13,8 +13,8 @@
 //
 // SNAPBLOCK_PERSIST_CLI=/path/to/bin/snapblock.js runs the same test against another build
 // of the server, by hand. Against 09bddc3 (before a7d163d made acknowledged but unflushed
-// writes survive kill -9 on row volumes) row fails: two of the writer's O_DIRECT files,
-// acknowledged before the kill, read back wrong; cow and mirror pass there too.
+// writes survive kill -9 on row volumes) row failed 3 runs out of 3: 2 or 4 of the writer's
+// O_DIRECT files, acknowledged before the kill, read back wrong; cow and mirror pass there too.
 import { spawn, spawnSync } from 'node:child_process';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ensureGuestBuilt, freePort, runGuest } from './helpers/guest.js';

@@ -357,7 +357,7 @@ scenario_persist() {
   cat /tmp/sums-before /tmp/sums-writer /tmp/sums-after >/tmp/sums
   (cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || {
     grep -v ': OK$' /tmp/check | head -n 20
-    fail "checksum mismatch before detaching (page cache)"
+    fail "checksum mismatch before detaching (O_DIRECT files read from the server, others maybe from the page cache)"
   }
   sed 's/^/SNAPBLOCK-SUM /' /tmp/sums
   run umount /mnt
