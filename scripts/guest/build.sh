@@ -5,6 +5,7 @@
 # stderr). The directory contains
 #   vmlinuz         Debian's own kernel (the one linux-image-amd64 depends on)
 #   initrd.cpio.gz  busybox-static + nbd-client + mke2fs/e2fsck + modules + /init
+#                   + nbd-persist (built here from nbd-persist.c)
 #   vmlinux         the same kernel uncompressed, if it supports PVH boot
 #   fio.img         optional: read-only ext4 image with fio and its libraries,
 #                   attached as a virtio disk for the "fio" scenario only
@@ -39,7 +40,7 @@ need() {
     command -v "$t" >/dev/null 2>&1 || die "missing tool '$t' (apt-get install busybox-static nbd-client e2fsprogs kmod cpio fio)"
   done
 }
-need apt-cache apt-get dpkg dpkg-query depmod modprobe cpio gzip ldd sha256sum flock
+need apt-cache apt-get dpkg dpkg-query depmod modprobe cpio gzip ldd sha256sum flock cc
 [ -x /bin/busybox ] || die "missing /bin/busybox (apt-get install busybox-static)"
 # The guest has no libc of its own except what we copy: busybox must be static.
 if ldd /bin/busybox >/dev/null 2>&1; then die "/bin/busybox is dynamic; install busybox-static"; fi
@@ -67,7 +68,7 @@ key=$(
   {
     echo "$kpkg $kver_pkg"
     dpkg-query -W "${HOST_PKGS[@]}" 2>/dev/null || true
-    sha256sum "$here/build.sh" "$here/init.sh" | awk '{print $1}'
+    sha256sum "$here/build.sh" "$here/init.sh" "$here/nbd-persist.c" | awk '{print $1}'
   } | sha256sum | cut -c1-16
 )
 out="$cache/$key"
@@ -184,6 +185,12 @@ copy_with_libs() { # root binary...
 }
 copy_with_libs "$root" "${BINARIES[@]}"
 ln -s mke2fs "$root/usr/sbin/mkfs.ext4"
+# nbd-persist: netlink persist mode (reconnect after the server went away) for
+# a device nbd-client attached; Debian 12's nbd-client 3.24 has none (see the
+# comment at the top of nbd-persist.c). Static: the guest has only the
+# libraries copied above. The C toolchain is the one the native addon needs.
+cc -O2 -Wall -static -o "$root/usr/sbin/nbd-persist" "$here/nbd-persist.c" >&2 ||
+  die "cannot compile nbd-persist.c (needs gcc and libc6-dev, as the native addon does)"
 
 mk_cpio() { # dir -> newc archive on stdout
   (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet)

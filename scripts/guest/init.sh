@@ -19,7 +19,7 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 
 # ---- defaults (overridden by settings.env) ----------------------------------
-SCENARIO=fs            # fs | verify-ro | fio
+SCENARIO=fs            # fs | verify-ro | verify-rw | fio | persist
 EXPORT=""              # NBD export name ("" = default export)
 CONNS=1                # nbd-client -C: TCP connections (each gets its own socat)
 BLOCKSIZE=4096         # nbd-client -b
@@ -35,6 +35,14 @@ CHECKSUMS=""           # verify-ro: sha256sum lines, paths relative to the fs ro
 FIO_SIZE=32M           # fio: bytes of /dev/nbd0 to write and verify
 FIO_BS=4k-64k          # fio: --bsrange
 FIO_IODEPTH=16
+# persist: kill -9 of the server mid-load, reconnect (see scenario_persist)
+PERSIST_DEAD_TIMEOUT=120  # seconds the kernel holds IO while no connection lives
+PERSIST_KB=256         # size of every file the persist scenario writes
+PERSIST_BEFORE=8       # files written + fsynced before the writer starts
+PERSIST_MARK_AT=4      # the writer's file count at which it prints the kill marker
+PERSIST_WRITER_AFTER=4 # writer files that must complete after the reconnect
+PERSIST_AFTER=8        # buffered files written once the writer stopped
+PERSIST_WAIT=120       # seconds to wait for the reconnect once the writer started
 # shellcheck disable=SC1091 # written by run.sh
 [ -f /snapblock/settings.env ] && . /snapblock/settings.env
 
@@ -241,12 +249,148 @@ scenario_fio() {
   finish PASS
 }
 
+# persist: the server is killed (kill -9) and restarted in the middle of a
+# write load; the kernel client must reconnect and lose nothing.
+#
+# nbd-client attaches over netlink; nbd-persist (build.sh) sets the kernel's
+# dead-connection timeout, so IO waits instead of failing while no connection
+# lives, and on the kernel's LINK_DEAD event connects again and hands the new
+# socket over (NBD_CMD_RECONFIGURE); the kernel resends what was in flight.
+# Debian 12's nbd-client 3.24 -persist cannot do this (see nbd-persist.c).
+#
+#  1. PERSIST_BEFORE buffered files, each written and fsynced;
+#  2. a writer in the background: files written with O_DIRECT (dd
+#     oflag=direct), so each is acknowledged by the server when dd returns but
+#     not flushed; after PERSIST_MARK_AT of them it prints
+#     "SNAPBLOCK-PERSIST kill-now" and keeps writing. The host kills the
+#     server, waits, starts it again on the same port;
+#  3. once nbd-persist reports the reconnect, the writer must finish
+#     PERSIST_WRITER_AFTER more files; then it stops and PERSIST_AFTER more
+#     buffered files are written; sync, umount, e2fsck -fn;
+#  4. detach, drop caches, attach again (a fresh connection): every file whose
+#     write completed (before, writer, after) must match its sha256, and
+#     e2fsck -fn must still be clean.
+# A server that loses acknowledged writes in the kill fails step 4 (or 3).
+persist_writer() {
+  n=0
+  while [ ! -e /tmp/writer-stop ]; do
+    f=data/w$n.bin
+    head -c $((PERSIST_KB * 1024)) /dev/urandom >/tmp/w.src || { echo "writer: urandom"; exit 1; }
+    dd if=/tmp/w.src of=/mnt/$f bs=64k oflag=direct 2>/tmp/w.err || {
+      cat /tmp/w.err
+      echo "writer: dd $f failed"
+      exit 1
+    }
+    # dd returned: the server acknowledged every byte (O_DIRECT), no flush yet.
+    echo "$(sha256sum </tmp/w.src | cut -d' ' -f1)  $f" >>/tmp/sums-writer
+    n=$((n + 1))
+    echo $n >/tmp/writer-count
+    [ $n = "$PERSIST_MARK_AT" ] && echo "SNAPBLOCK-PERSIST kill-now (writer at $n files)"
+  done
+  exit 0
+}
+
+scenario_persist() {
+  attach
+  nbd_index=${NBD#/dev/nbd}
+  nbd-persist "$nbd_index" 10.0.2.100 10809 "$EXPORT" "$PERSIST_DEAD_TIMEOUT" >/tmp/persist.log 2>&1 &
+  persist_pid=$!
+  i=0
+  until grep -q watching /tmp/persist.log; do
+    i=$((i + 1))
+    if [ $i -ge 100 ] || ! kill -0 $persist_pid 2>/dev/null; then
+      cat /tmp/persist.log
+      fail "nbd-persist did not start"
+    fi
+    usleep 100000
+  done
+  cat /tmp/persist.log
+  # shellcheck disable=SC2086 # $MKFS_OPTS is a list of options
+  run mkfs.ext4 -q -F -b 4096 $MKFS_OPTS "$NBD"
+  mount_fs ""
+  run mkdir -p /mnt/data
+  i=0
+  while [ $i -lt "$PERSIST_BEFORE" ]; do
+    head -c $((PERSIST_KB * 1024)) /dev/urandom >/mnt/data/b$i.bin || fail "write b$i.bin"
+    sync /mnt/data/b$i.bin || fail "fsync b$i.bin"
+    i=$((i + 1))
+  done
+  run sync
+  (cd /mnt && sha256sum data/b*.bin) >/tmp/sums-before || fail "sha256sum"
+  log "before the kill: $PERSIST_BEFORE files written and fsynced"
+
+  : >/tmp/sums-writer
+  echo 0 >/tmp/writer-count
+  persist_writer &
+  writer_pid=$!
+  # Wait for the host's kill and our reconnect. The writer blocks meanwhile
+  # (the kernel holds its IO), so its count stands still until the reconnect.
+  i=0
+  until grep -q reconnected /tmp/persist.log; do
+    kill -0 $writer_pid 2>/dev/null || fail "the writer stopped before the reconnect"
+    i=$((i + 1))
+    [ $i -ge $((PERSIST_WAIT * 5)) ] && {
+      cat /tmp/persist.log
+      fail "no reconnect within ${PERSIST_WAIT}s (writer at $(cat /tmp/writer-count) files)"
+    }
+    usleep 200000
+  done
+  at_reconnect=$(cat /tmp/writer-count)
+  log "reconnected; the writer is at $at_reconnect files"
+  i=0
+  while [ "$(cat /tmp/writer-count)" -lt $((at_reconnect + PERSIST_WRITER_AFTER)) ]; do
+    kill -0 $writer_pid 2>/dev/null || fail "the writer stopped after the reconnect"
+    i=$((i + 1))
+    [ $i -ge 1500 ] && fail "the writer made no progress for 300 s after the reconnect"
+    usleep 200000
+  done
+  touch /tmp/writer-stop
+  wait $writer_pid || fail "the writer failed"
+  log "writer: $(wc -l </tmp/sums-writer) files (O_DIRECT), $at_reconnect when the reconnect was seen"
+  i=0
+  while [ $i -lt "$PERSIST_AFTER" ]; do
+    head -c $((PERSIST_KB * 1024)) /dev/urandom >/mnt/data/a$i.bin || fail "write a$i.bin"
+    i=$((i + 1))
+  done
+  run sync
+  (cd /mnt && sha256sum data/a*.bin) >/tmp/sums-after || fail "sha256sum"
+  cat /tmp/sums-before /tmp/sums-writer /tmp/sums-after >/tmp/sums
+  (cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || {
+    grep -v ': OK$' /tmp/check | head -n 20
+    fail "checksum mismatch before detaching (O_DIRECT files read from the server, others maybe from the page cache)"
+  }
+  sed 's/^/SNAPBLOCK-SUM /' /tmp/sums
+  run umount /mnt
+  fsck_ro
+  kill $persist_pid 2>/dev/null
+  wait $persist_pid 2>/dev/null
+  log "--- nbd-persist log"
+  cat /tmp/persist.log
+  log "--- kernel nbd messages"
+  dmesg | grep -E 'nbd0|nbd:' | tail -n 20
+  detach
+  echo 3 >/proc/sys/vm/drop_caches
+  attach
+  mount_fs ""
+  log "\$ sha256sum -c ($(wc -l </tmp/sums) files, read back from the server)"
+  (cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || {
+    grep -v ': OK$' /tmp/check | head -n 20
+    fail "checksum mismatch after reattach: $(grep -vc ': OK$' /tmp/check) of $(wc -l </tmp/sums) files"
+  }
+  run umount /mnt
+  fsck_ro
+  detach
+  echo "SNAPBLOCK-PERSIST files before=$PERSIST_BEFORE writer=$(wc -l </tmp/sums-writer) writer-at-reconnect=$at_reconnect after=$PERSIST_AFTER"
+  finish PASS
+}
+
 log "scenario=$SCENARIO export='$EXPORT' conns=$CONNS kernel=$(uname -r)"
 case "$SCENARIO" in
   fs) scenario_fs ;;
   verify-ro) scenario_verify_ro ;;
   verify-rw) scenario_verify_rw ;;
   fio) scenario_fio ;;
+  persist) scenario_persist ;;
   *) fail "unknown scenario '$SCENARIO'" ;;
 esac
 fail "scenario returned without a result"

@@ -3,7 +3,7 @@
 # an export of ANY NBD server reachable from this host.
 #
 #   scripts/guest/run.sh --port PORT [--host 127.0.0.1] [--export NAME]
-#        [--conns N] [--scenario fs|verify-ro|fio] [--timeout SEC]
+#        [--conns N] [--scenario fs|verify-ro|verify-rw|fio|persist] [--timeout SEC]
 #        [--log FILE] [--set KEY=VALUE]... [--checksums FILE]
 #        [--sums-out FILE] [--verbose]
 #
@@ -16,6 +16,10 @@
 #              e.g. against a snapshot export.
 #   fio        fio --verify=crc32c on raw /dev/nbd0, detach, reattach,
 #              fio --verify_only.
+#   persist    nbd-client + nbd-persist (reconnects), mkfs, mount, a writer;
+#              the guest prints "SNAPBLOCK-PERSIST kill-now" mid-load: the
+#              caller kills the server and restarts it on the same port; the
+#              guest reconnects, keeps writing, e2fsck, reattach, verify all.
 #
 # Exit status: 0 only if the guest printed "SNAPBLOCK-GUEST PASS"; 1 on FAIL,
 # timeout or no result (the console tail is shown); 2 on usage errors.
@@ -30,7 +34,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
-usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "guest/run: ERROR: $*" >&2; exit 2; }
 
 host=127.0.0.1 port="" export_name="" conns=1 scenario=fs timeout_s=180
@@ -56,7 +60,7 @@ while [ $# -gt 0 ]; do
 done
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port PORT is required"
 [[ "$conns" =~ ^[1-9][0-9]*$ ]] || die "--conns must be a positive integer"
-case "$scenario" in fs|verify-ro|verify-rw|fio) ;; *) die "unknown scenario '$scenario'" ;; esac
+case "$scenario" in fs|verify-ro|verify-rw|fio|persist) ;; *) die "unknown scenario '$scenario'" ;; esac
 [[ "$host" =~ ^[A-Za-z0-9._-]+$ ]] || die "--host must be a hostname or IPv4 address"
 # No pipe into `grep -q` here: it exits at the first match and, with pipefail, printf's
 # SIGPIPE on a long CHECKSUMS value made this check fail at random.
@@ -123,7 +127,11 @@ kernel=$guest/vmlinuz
 
 # nodelay: the guest's NBD requests are small; don't let Nagle delay them.
 # (",," is QEMU's escape for a literal comma inside -netdev.)
-fwd="guestfwd=tcp:10.0.2.100:10809-cmd:socat STDIO TCP:$host:$port,,nodelay"
+# -lf /dev/null: slirp gives the command the guest's socket as stdin, stdout
+# AND stderr, so a socat diagnostic (e.g. "E connect(...): Connection refused"
+# when the server is down or was killed) would reach the guest's NBD client as
+# protocol bytes; the kernel then logs "Wrong magic (0x32303236)" ("2026").
+fwd="guestfwd=tcp:10.0.2.100:10809-cmd:socat -lf /dev/null STDIO TCP:$host:$port,,nodelay"
 # shellcheck disable=SC2054 # commas are QEMU option syntax, not array separators
 qemu=(
   qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m "$mem"

@@ -17,7 +17,7 @@ const GUEST_BUILD = path.join(ROOT, 'scripts', 'guest', 'build.sh');
 const NBDFUSE_FS = path.join(ROOT, 'scripts', 'nbdfuse-fs.sh');
 const LOG_DIR = path.join(ROOT, '.cache', 'guest-logs');
 
-export type GuestScenario = 'fs' | 'verify-ro' | 'verify-rw' | 'fio';
+export type GuestScenario = 'fs' | 'verify-ro' | 'verify-rw' | 'fio' | 'persist';
 
 export interface GuestOptions {
   port: number;
@@ -32,6 +32,9 @@ export interface GuestOptions {
   extra?: Record<string, string>;
   /** server host as seen from this machine; default 127.0.0.1 */
   host?: string;
+  /** called with each line of the guest console as it appears (\r removed),
+   *  e.g. to act on a marker line while the guest runs */
+  onConsoleLine?: (line: string) => void;
 }
 
 export interface GuestResult {
@@ -114,7 +117,9 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
   ];
   for (const [k, v] of Object.entries(opts.extra ?? {})) args.push('--set', `${k}=${v}`);
 
+  const follow = opts.onConsoleLine ? followFile(consoleLog, opts.onConsoleLine) : undefined;
   const r = await execScript('bash', args, timeoutMs);
+  follow?.stop();
   const guestConsole = fs.existsSync(consoleLog) ? fs.readFileSync(consoleLog, 'utf8').replace(/\r/g, '') : '(no console log)';
   let sums = '';
   try {
@@ -127,6 +132,41 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
   const ok = r.code === 0 && result === 'SNAPBLOCK-GUEST PASS';
   const log = `${r.output}${r.timedOut ? `\n[runGuest: killed after ${timeoutMs} ms]` : ''}\n---- guest console (${consoleLog})\n${guestConsole}`;
   return { ok, log, sums, result };
+}
+
+// Call onLine for every complete line appended to a file (which may not exist
+// yet), polling every 100 ms; stop() reads what is left, once.
+function followFile(file: string, onLine: (line: string) => void): { stop(): void } {
+  let offset = 0;
+  let partial = '';
+  const poll = (final: boolean) => {
+    let text = partial;
+    try {
+      const fd = fs.openSync(file, 'r');
+      try {
+        const size = fs.fstatSync(fd).size;
+        if (size > offset) {
+          const chunk = Buffer.alloc(size - offset);
+          offset += fs.readSync(fd, chunk, 0, chunk.length, offset);
+          text += chunk.toString('utf8');
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+    } catch {
+      /* not created yet */
+    }
+    const lines = text.split('\n');
+    partial = final ? '' : (lines.pop() ?? '');
+    for (const line of lines) onLine(line.replace(/\r/g, ''));
+  };
+  const timer = setInterval(() => poll(false), 100);
+  return {
+    stop() {
+      clearInterval(timer);
+      poll(true);
+    },
+  };
 }
 
 export async function nbdfuseFs(host: string, port: number, exportName: string, timeoutMs = 120_000): Promise<{ ok: boolean; log: string }> {
