@@ -81,3 +81,44 @@ describe('a failed sync poisons the volume until it is reopened', () => {
     });
   }
 });
+
+/** A small tmpfs: writes fail at once (ENOSPC), no writeback involved. */
+function smallTmpfs(mib: number): string {
+  const dir = path.join(tempDir('full-'), 'fs');
+  fs.mkdirSync(dir);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${mib}m`, 'tmpfs', dir]);
+  mounts.push(dir);
+  return dir;
+}
+
+describe('writes on a full filesystem', () => {
+  for (const mode of ['row', 'cow', 'mirror']) {
+    it(`${mode}: fail with NBD ENOSPC, the server stays up, and what was acknowledged reads back`, { timeout: 120_000 }, async () => {
+      const pool = path.join(smallTmpfs(24), 'pool');
+      expect(cli(pool, ['volume', 'create', 'v', '64M', '--snapshot-mode', mode]).status).toBe(0);
+      srv = await startServer({ pool });
+      const out = nbdsh(
+        srv.uri('v'),
+        `
+acked = []
+errs = set()
+for i in range(48):
+    try:
+        h.pwrite(bytes([i + 1]) * ${MIB}, i * ${MIB})
+        acked.append(i)
+    except nbd.Error as e:
+        errs.add(e.errnum)
+print(len(acked), sorted(errs))
+print(all(h.pread(${MIB}, i * ${MIB}) == bytes([i + 1]) * ${MIB} for i in acked))`,
+      );
+      const [counts, intact] = out.trim().split('\n');
+      const acked = Number(counts.split(' ')[0]);
+      expect(acked).toBeGreaterThan(0);
+      expect(acked).toBeLessThan(48);
+      expect(counts).toContain('[28]'); // ENOSPC, and no other error
+      expect(intact).toBe('True');
+      // still serving: a new connection reads
+      expect(nbdsh(srv.uri('v'), `print(h.pread(4096, 0) == bytes([1]) * 4096)`).trim()).toBe('True');
+    });
+  }
+});

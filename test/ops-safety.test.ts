@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, cli, nbdsh, run, startServer, tempDir, type CliResult, type RunningServer } from './helpers/server.js';
+import { CLI, cli, nbdsh, run, startServer, tempDir, type CliResult, type RunningServer, cliOk, exportSha256 } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 
@@ -37,11 +37,7 @@ async function stop(s: RunningServer): Promise<void> {
   expect(await s.stop()).toBe(0);
 }
 
-function ok(pool: string, args: string[]): string {
-  const r = cli(pool, args);
-  expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(0);
-  return r.stdout;
-}
+const ok = cliOk;
 
 /** A refusal: exit 1 and exactly one line on stderr, with no stack trace or JSON log in it. */
 function refused(r: CliResult, message: RegExp): void {
@@ -91,9 +87,7 @@ function freeBytes(dir: string): number {
 const unix = (s: RunningServer, exp: string) => `nbd+unix:///${exp}?socket=${s.socket}`;
 
 /** sha256 of every byte of an export, read by libnbd in 4 MiB pieces. */
-function sha(uri: string): string {
-  return nbdsh(uri, 'import hashlib\nd = hashlib.sha256()\nn = h.get_size()\nfor o in range(0, n, 4 << 20): d.update(h.pread(min(4 << 20, n - o), o))\nprint(d.hexdigest())').trim();
-}
+const sha = exportSha256;
 
 function fill8(uri: string, byte: number, offset: number, length: number): void {
   nbdsh(uri, `h.pwrite(bytes([${byte}]) * ${length}, ${offset})\nh.flush()`);

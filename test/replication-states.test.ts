@@ -5,7 +5,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { cli, nbdsh, run, startServer, tempDir, type RunningServer } from './helpers/server.js';
+import { cli, nbdsh, run, startServer, tempDir, type RunningServer, cliOk, exportSha256 } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 process.env.SNAPBLOCK_REPL_TIMEOUT_MS = '2000';
@@ -33,11 +33,7 @@ async function serve(pool?: string, env: Record<string, string> = {}): Promise<R
   }
 }
 
-function ok(pool: string, args: string[]): string {
-  const r = cli(pool, args);
-  expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(0);
-  return r.stdout;
-}
+const ok = cliOk;
 
 function qio(uri: string, ...cmds: string[]): void {
   const r = run('qemu-io', ['-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
@@ -45,15 +41,7 @@ function qio(uri: string, ...cmds: string[]): void {
   expect(r.stdout, cmds.join(' ; ')).not.toMatch(/Pattern verification failed|failed|error/i);
 }
 
-function sha(uri: string): string {
-  return nbdsh(uri, `
-import hashlib
-m = hashlib.sha256(); size = h.get_size(); off = 0
-while off < size:
-    n = min(8 << 20, size - off); m.update(h.pread(n, off)); off += n
-print(m.hexdigest())
-`).trim();
-}
+const sha = exportSha256;
 
 type Status = Record<string, unknown> & { replication_status: string; syncProgress?: { phase: string; done: number; total: number } };
 

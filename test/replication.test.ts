@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import http from 'node:http';
-import { CLI, cli, nbdsh, run, serverHandle, startServer, tempDir, type RunningServer } from './helpers/server.js';
+import { CLI, cli, nbdsh, run, serverHandle, startServer, tempDir, type RunningServer, cliOk, exportSha256 } from './helpers/server.js';
 import { RegionLog } from '../src/replication/region-log.js';
 
 const MiB = 1024 * 1024;
@@ -24,11 +24,7 @@ async function serve(pool?: string): Promise<RunningServer> {
   return s;
 }
 
-function ok(pool: string, args: string[]): string {
-  const r = cli(pool, args);
-  expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(0);
-  return r.stdout;
-}
+const ok = cliOk;
 
 function qio(uri: string, ...cmds: string[]): void {
   const r = run('qemu-io', ['-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
@@ -36,15 +32,7 @@ function qio(uri: string, ...cmds: string[]): void {
   expect(r.stdout, cmds.join(' ; ')).not.toMatch(/Pattern verification failed|failed|error/i);
 }
 
-function sha(uri: string): string {
-  return nbdsh(uri, `
-import hashlib
-m = hashlib.sha256(); size = h.get_size(); off = 0
-while off < size:
-    n = min(8 << 20, size - off); m.update(h.pread(n, off)); off += n
-print(m.hexdigest())
-`).trim();
-}
+const sha = exportSha256;
 
 type Status = Record<string, unknown> & { replication_status: string };
 /** volume info through the server's control API (what `snapblock volume info --json` prints) */

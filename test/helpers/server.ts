@@ -123,6 +123,27 @@ export function nbdsh(uri: string | undefined, script: string): string {
   return r.stdout;
 }
 
+/** Run a CLI command that must succeed and return its stdout; a failure names the command and its stderr. */
+export function cliOk(pool: string, args: string[]): string {
+  const r = cli(pool, args);
+  if (r.status !== 0) throw new Error(`snapblock ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
+  return r.stdout;
+}
+
+/** sha256 (hex) of a whole export, read through libnbd in 8 MiB pieces. */
+export function exportSha256(uri: string): string {
+  return nbdsh(
+    uri,
+    `
+import hashlib
+m = hashlib.sha256(); size = h.get_size(); off = 0
+while off < size:
+    n = min(8 << 20, size - off); m.update(h.pread(n, off)); off += n
+print(m.hexdigest())
+`,
+  ).trim();
+}
+
 /**
  * Run qemu-io commands against an NBD URI (read-only for a snapshot export, VOL@SNAP); throws
  * unless it exits 0 with no pattern mismatch or error in its output.
