@@ -169,6 +169,28 @@ export class Journal {
     if (this.unsyncedBytes > UNSYNCED_KEEP) this.dropUnsynced();
   }
 
+  private persisting?: Promise<void>;
+
+  /**
+   * persist() once for every operation that completes in this turn of the event loop (in its
+   * check phase), instead of once each: undefined when nothing is pending.
+   */
+  persistSoon(): Promise<void> | undefined {
+    if (!this.pendingBytes) return this.persisting;
+    this.persisting ??= new Promise<void>((resolve, reject) =>
+      setImmediate(() => {
+        this.persisting = undefined;
+        try {
+          this.persist();
+          resolve();
+        } catch (err) {
+          reject(err);
+        }
+      }),
+    );
+    return this.persisting;
+  }
+
   /**
    * Persist what is appended and return the mark a later commit makes durable: the caller
    * seals, makes the data those records describe durable, then commits the mark.

@@ -95,8 +95,8 @@ export abstract class JournaledVolume<M extends VolumeMeta, S extends SnapRef> e
     return true;
   }
 
-  protected override persistMetadata(): void {
-    this.journal.persist();
+  protected override persistMetadata(): Promise<void> | undefined {
+    return this.journal.persistSoon();
   }
 
   get size(): number {

@@ -120,7 +120,9 @@ export abstract class Volume implements BlockLayer, ViewOps {
    * so the operation survives a kill of this process once acknowledged (docs/FORMAT.md,
    * "process crash"). Called before its reply; durability against power loss is flush()'s job.
    */
-  protected persistMetadata(): void {}
+  protected persistMetadata(): Promise<void> | undefined {
+    return undefined;
+  }
   abstract readView(snapshot: string | undefined, offset: number, length: number): Promise<Buffer>;
   abstract extentsView(snapshot: string | undefined, offset: number, length: number): Promise<Extent[]>;
   /** make every completed write and its metadata durable */
@@ -163,7 +165,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
     await this.admit();
     try {
       await this.writeLive(offset, data);
-      this.persistMetadata();
+      await this.persistMetadata();
     } finally {
       this.leave();
     }
@@ -195,7 +197,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
     await this.admit();
     try {
       await this.trimLive(offset, length, false);
-      this.persistMetadata();
+      await this.persistMetadata();
     } finally {
       this.leave();
     }
@@ -208,7 +210,7 @@ export abstract class Volume implements BlockLayer, ViewOps {
     try {
       if (flags.mayTrim) await this.trimLive(offset, length, true);
       else await this.writeZeroes(offset, length);
-      this.persistMetadata();
+      await this.persistMetadata();
     } finally {
       this.leave();
     }
