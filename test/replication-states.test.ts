@@ -5,7 +5,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { cli, nbdsh, run, startServer, tempDir, type RunningServer, cliOk, exportSha256 } from './helpers/server.js';
+import { cli, nbdsh, run, startServer, tempDir, type RunningServer, cliOk, exportSha256, until } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 process.env.SNAPBLOCK_REPL_TIMEOUT_MS = '2000';
@@ -57,14 +57,6 @@ async function status(srv: RunningServer, vol: string): Promise<Status> {
     req.on('error', reject);
     req.end(body);
   });
-}
-
-async function until(what: string, f: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
-  const t0 = Date.now();
-  while (!(await f())) {
-    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 
 const inSync = (srv: RunningServer, vol: string) => async () => {

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import http from 'node:http';
-import { CLI, cli, nbdsh, run, serverHandle, startServer, tempDir, type RunningServer, cliOk, exportSha256 } from './helpers/server.js';
+import { CLI, cli, nbdsh, run, serverHandle, startServer, tempDir, type RunningServer, cliOk, exportSha256, until } from './helpers/server.js';
 import { RegionLog } from '../src/replication/region-log.js';
 
 const MiB = 1024 * 1024;
@@ -48,14 +48,6 @@ async function status(srv: RunningServer, vol: string): Promise<Status> {
     req.end(body);
   });
   return { replication_status: v.replication_status, ...(v.replication ?? {}) };
-}
-
-async function until(what: string, f: () => boolean | Promise<boolean>, ms = 30_000): Promise<void> {
-  const t0 = Date.now();
-  while (!(await f())) {
-    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 
 const inSync = (srv: RunningServer, vol: string) => async () => {

@@ -123,6 +123,15 @@ export function nbdsh(uri: string | undefined, script: string): string {
   return r.stdout;
 }
 
+/** Poll f every 100 ms until it holds; throws naming `what` after `ms`. */
+export async function until(what: string, f: () => boolean | Promise<boolean>, ms = 30_000): Promise<void> {
+  const t0 = Date.now();
+  while (!(await f())) {
+    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 /** Run a CLI command that must succeed and return its stdout; a failure names the command and its stderr. */
 export function cliOk(pool: string, args: string[]): string {
   const r = cli(pool, args);
