@@ -12,6 +12,8 @@ export interface ServeOptions {
   pool: string;
   listen?: { host: string; port: number };
   socket?: string;
+  /** permissions of the NBD Unix socket (default 0600) */
+  socketMode?: number;
   tls?: { cert: string; key: string; ca?: string; required: boolean };
   log: Logger;
 }
@@ -47,7 +49,7 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
       endpoints.push(`nbd://${opts.listen.host}:${port}`);
     }
     if (opts.socket) {
-      await nbd.listenUnix(opts.socket);
+      await nbd.listenUnix(opts.socket, opts.socketMode);
       endpoints.push(`nbd+unix:///?socket=${opts.socket}`);
     }
   } catch (err) {

@@ -322,3 +322,33 @@ describe('ten clients flooding at once', () => {
     }
   }, 60_000);
 });
+
+describe('the NBD Unix socket', () => {
+  /** Start a server under umask 000 (the worst case), with extra serve arguments; the socket's permission bits. */
+  async function socketModeUnderUmask0(args: string[]): Promise<{ mode: number; srv: RunningServer }> {
+    const old = process.umask(0); // the child inherits it
+    let srv: RunningServer;
+    try {
+      srv = await startServer({ volumes: { s: '4M' }, args });
+    } finally {
+      process.umask(old);
+    }
+    return { mode: fs.statSync(srv.socket).mode & 0o777, srv };
+  }
+
+  it('is created 0600 whatever the umask, and serves its owner', async () => {
+    const { mode, srv } = await socketModeUnderUmask0([]);
+    try {
+      expect(mode.toString(8)).toBe('600');
+      expect(nbdsh(`nbd+unix:///s?socket=${srv.socket}`, 'print(h.get_size())').trim()).toBe(String(4 * 1024 * 1024));
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  it('--socket-mode 660 lets the group in, nothing more', async () => {
+    const { mode, srv } = await socketModeUnderUmask0(['--socket-mode', '660']);
+    await srv.stop();
+    expect(mode.toString(8)).toBe('660');
+  });
+});

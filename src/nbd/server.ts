@@ -41,9 +41,20 @@ export class NbdServer {
     return this.listen({ host, port }).then((s) => s.address() as net.AddressInfo);
   }
 
-  async listenUnix(path: string): Promise<void> {
+  /**
+   * Serve on a Unix socket with exactly `mode` (default 0600: only this user), whatever the
+   * process umask: the socket is created under a umask that grants no more than `mode` from
+   * its first instant, then set to `mode`.
+   */
+  async listenUnix(path: string, mode = 0o600): Promise<void> {
     fs.rmSync(path, { force: true });
-    await this.listen({ path });
+    const old = process.umask(0o777 & ~mode);
+    try {
+      await this.listen({ path });
+    } finally {
+      process.umask(old);
+    }
+    fs.chmodSync(path, mode);
   }
 
   private listen(where: net.ListenOptions): Promise<net.Server> {
