@@ -370,3 +370,16 @@ describe('a refused command changes nothing', () => {
     });
   });
 });
+
+describe('a deleted volume leaves nothing a new one of the same name would inherit', () => {
+  it('its replication region log and disk state go with it; other volumes keep theirs', () => {
+    const pool = tempDir('sidecar-');
+    ok(pool, ['volume', 'create', 'x', '4M']);
+    ok(pool, ['volume', 'create', 'x.y', '4M']);
+    const repl = path.join(pool, 'replication');
+    fs.mkdirSync(repl, { recursive: true });
+    for (const f of ['x.rlog', 'x.state', 'x.y.rlog', 'xy.rlog']) fs.writeFileSync(path.join(repl, f), 'left by replication');
+    ok(pool, ['volume', 'delete', 'x']);
+    expect(fs.readdirSync(repl).sort()).toEqual(['x.y.rlog', 'xy.rlog']);
+  });
+});

@@ -15,6 +15,9 @@ import { ATOMIC_TMP, fsyncDir } from './atomic-file.js';
 import { PoolLock } from './lock.js';
 import { MAX_VOLUME_SIZE, PoolError, validateName, validateVolumeSize as checkSize } from './names.js';
 
+/** Pool subdirectories where services keep a file or two per volume, named VOLUME.EXT. */
+const SIDECAR_DIRS = ['replication'];
+
 export interface VolumeInfo {
   name: string;
   /** provisioned size in bytes */
@@ -440,6 +443,20 @@ export class Pool implements ExportProvider {
     const { [rec.name]: _gone, ...rest } = this.catalog.volumes;
     this.save({ ...this.catalog, volumes: rest });
     fs.rmSync(marker, { recursive: true, force: true });
+    this.removeSidecarFiles(rec.name);
+  }
+
+  /**
+   * Files services keep per volume beside the pool's volumes (replication/NAME.rlog and
+   * NAME.state): a volume created later under the same name must not inherit them (a stale
+   * region log could mark its initial sync as done).
+   */
+  private removeSidecarFiles(name: string): void {
+    for (const sub of SIDECAR_DIRS) {
+      const dir = path.join(this.dir, sub);
+      if (!fs.existsSync(dir)) continue;
+      for (const f of fs.readdirSync(dir)) if (path.parse(f).name === name) fs.rmSync(path.join(dir, f), { force: true });
+    }
   }
 
   // ---- snapshots and clones ----
