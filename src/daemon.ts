@@ -12,6 +12,8 @@ export interface ServeOptions {
   pool: string;
   listen?: { host: string; port: number };
   socket?: string;
+  /** a negotiating client that sends no option for this long is dropped (default 30 s) */
+  handshakeTimeoutMs?: number;
   /** permissions of the NBD Unix socket (default 0600) */
   socketMode?: number;
   tls?: { cert: string; key: string; ca?: string; required: boolean };
@@ -40,7 +42,7 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
       }
     : undefined;
   const replication = new ReplicationService(pool, log);
-  const nbd = new NbdServer({ exports: replication.exports, log, tls: tlsPolicy });
+  const nbd = new NbdServer({ exports: replication.exports, log, tls: tlsPolicy, handshakeTimeoutMs: opts.handshakeTimeoutMs });
   let port: number | undefined;
   const endpoints: string[] = [];
   try {

@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
 import { makeCerts, type Certs } from './helpers/certs.js';
-import { readExactly, rawConnect, request } from './helpers/raw-nbd.js';
+import { closed, readExactly, rawConnect, request } from './helpers/raw-nbd.js';
 import { nbdsh, startServer, tempDir, type RunningServer } from './helpers/server.js';
 
 const IHAVEOPT = 0x49484156454f5054n;
@@ -350,5 +350,51 @@ describe('the NBD Unix socket', () => {
     const { mode, srv } = await socketModeUnderUmask0(['--socket-mode', '660']);
     await srv.stop();
     expect(mode.toString(8)).toBe('660');
+  });
+});
+
+describe('the negotiation deadline restarts with each option', () => {
+  let srv: RunningServer;
+  beforeAll(async () => {
+    srv = await startServer({ volumes: { n: '4M' }, args: ['--handshake-timeout', '2'] });
+  });
+  afterAll(async () => {
+    await srv.stop();
+  });
+
+  /** Connect, read the greeting, send the client flags (fixed newstyle, no zeroes). */
+  async function greeted(): Promise<net.Socket> {
+    const s = net.connect(srv.port, '127.0.0.1');
+    await new Promise((r) => s.once('connect', r));
+    await readExactly(s, 18);
+    const flags = Buffer.alloc(4);
+    flags.writeUInt32BE(3, 0);
+    s.write(flags);
+    return s;
+  }
+
+  it('a client sending an option every second negotiates past the 2 s deadline, then transmits', { timeout: 20_000 }, async () => {
+    const s = await greeted();
+    for (let i = 0; i < 5; i++) {
+      s.write(option(OPT_STRUCTURED_REPLY));
+      const r = await readExactly(s, 20);
+      expect(r.readBigUInt64BE(0)).toBe(OPTION_REPLY_MAGIC);
+      expect(r.readUInt32BE(12)).toBe(REP_ACK);
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    // 5 s in, beyond the deadline as a whole: EXPORT_NAME still works, and so does a READ
+    s.write(option(1, Buffer.from('n')));
+    const info = await readExactly(s, 10);
+    expect(info.readBigUInt64BE(0)).toBe(4n * 1024n * 1024n);
+    s.write(request(0, 0n, 4096));
+    expect((await readExactly(s, 4)).readUInt32BE(0)).toBe(0x668e33ef); // a structured reply chunk
+    s.destroy();
+  });
+
+  it('a client silent for longer than the deadline is dropped', async () => {
+    const t0 = Date.now();
+    const s = await greeted();
+    expect(await closed(s, 8000)).toBe(true);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(1900);
   });
 });

@@ -167,6 +167,7 @@ export async function main(args: string[]): Promise<void> {
         a
           .option('listen', { type: 'string', default: '127.0.0.1:10809', describe: 'TCP HOST:PORT for NBD ("none" to disable)' })
           .option('socket', { type: 'string', describe: 'also serve NBD on this Unix socket' })
+          .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a negotiating client may take to send each option (the whole negotiation is capped at 10 min)' })
           .option('socket-mode', { type: 'string', default: '600', describe: 'permissions of the --socket file, octal (e.g. 660 to let its group in); the umask does not matter' })
           .option('tls-cert', { type: 'string', describe: 'server certificate (PEM) enabling STARTTLS' })
           .option('tls-key', { type: 'string', describe: 'server private key (PEM)' })
@@ -174,6 +175,7 @@ export async function main(args: string[]): Promise<void> {
           .option('tls', { choices: ['optional', 'require'] as const, default: 'optional' as const, describe: 'require: refuse clients that do not start TLS' })
           .check((a) => {
             if (Boolean(a['tls-cert']) !== Boolean(a['tls-key'])) return '--tls-cert and --tls-key go together';
+            if (!(a['handshake-timeout'] > 0)) return `--handshake-timeout must be a positive number of seconds, got ${a['handshake-timeout']}`;
             if (!/^[0-7]{3}$/.test(a['socket-mode'])) return `--socket-mode must be octal permissions like 600 or 660, got "${a['socket-mode']}"`;
             if (a.tls === 'require' && !a['tls-cert']) return '--tls require needs --tls-cert and --tls-key';
             if (a.listen !== 'none') {
@@ -192,6 +194,7 @@ export async function main(args: string[]): Promise<void> {
           listen: a.listen === 'none' ? undefined : parseListen(a.listen),
           socket: a.socket,
           socketMode: parseInt(a['socket-mode'], 8),
+          handshakeTimeoutMs: a['handshake-timeout'] * 1000,
           tls: a['tls-cert'] ? { cert: a['tls-cert'], key: a['tls-key']!, ca: a['tls-ca'], required: a.tls === 'require' } : undefined,
           log,
         });

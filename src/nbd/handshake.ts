@@ -33,6 +33,8 @@ export interface HandshakeConfig {
   maxPayload: number;
   preferredBlockSize: number;
   isShuttingDown(): boolean;
+  /** called as each complete option arrives (the server's idle deadline restarts) */
+  onOption?(): void;
   log: Logger;
 }
 
@@ -161,6 +163,7 @@ export async function negotiate(raw: net.Socket, cfg: HandshakeConfig): Promise<
     const len = head.readUInt32BE(12);
     if (len > MAX_OPTION_LENGTH) throw new HangUp(`option ${opt} length ${len} exceeds ${MAX_OPTION_LENGTH}`);
     const data = await reader.read(len);
+    cfg.onOption?.();
     cfg.log.debug({ opt, len }, 'nbd option');
 
     if (cfg.isShuttingDown() && opt !== Opt.ABORT) {

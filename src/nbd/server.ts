@@ -14,11 +14,17 @@ export interface NbdServerOptions {
   maxPayload?: number;
   /** per-connection budget of request payloads and unsent replies before reading pauses */
   maxInflightBytes?: number;
-  /** a client that has not finished negotiating by then is dropped */
+  /**
+   * a negotiating client that sends no complete option for this long is dropped (default 30 s);
+   * the clock restarts with each option, so listing thousands of exports one INFO at a time
+   * works, and the whole negotiation is capped at NEGOTIATION_CAP_MS
+   */
   handshakeTimeoutMs?: number;
 }
 
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
+/** no negotiation, however busy, holds a connection in the handshake longer than this */
+const NEGOTIATION_CAP_MS = 10 * 60 * 1000;
 
 export class NbdServer {
   private readonly listeners: net.Server[] = [];
@@ -80,10 +86,13 @@ export class NbdServer {
     socket.setNoDelay(true);
     socket.setKeepAlive(true, 30_000);
     this.handshaking.add(socket);
-    const timer = setTimeout(() => {
-      log.warn('dropping client that did not finish negotiation in time');
+    const drop = (why: string) => () => {
+      log.warn(why);
       socket.destroy();
-    }, this.opts.handshakeTimeoutMs ?? 30_000);
+    };
+    const idle = setTimeout(drop('dropping client that sent no option in time during negotiation'), this.opts.handshakeTimeoutMs ?? 30_000);
+    const cap = setTimeout(drop(`dropping client still negotiating after ${NEGOTIATION_CAP_MS / 1000} s`), NEGOTIATION_CAP_MS);
+    const timer = { clear: () => (clearTimeout(idle), clearTimeout(cap)) };
     socket.on('error', () => {});
     try {
       const neg = await negotiate(socket, {
@@ -92,9 +101,10 @@ export class NbdServer {
         maxPayload: this.maxPayload,
         preferredBlockSize: 4096,
         isShuttingDown: () => this.shuttingDown,
+        onOption: () => idle.refresh(),
         log,
       });
-      clearTimeout(timer);
+      timer.clear();
       this.handshaking.delete(socket);
       log.info({ export: neg.opened.name, structured: neg.structured, tls: neg.tls }, 'NBD client connected');
       const session = new Session(neg, {
@@ -108,7 +118,7 @@ export class NbdServer {
       await neg.opened.release();
       log.info({ export: neg.opened.name, ...session.stats }, 'NBD client disconnected');
     } catch (err) {
-      clearTimeout(timer);
+      timer.clear();
       this.handshaking.delete(socket);
       if (err instanceof HangUp) log.info({ reason: err.message }, 'NBD negotiation ended');
       else log.error({ err }, 'NBD negotiation failed');
