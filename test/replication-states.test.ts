@@ -5,7 +5,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { cli, nbdsh, run, startServer, tempDir, type RunningServer, cliOk, exportSha256, until } from './helpers/server.js';
+import { cli, nbdsh, run, startServer, tempDir, type RunningServer, cliOk, exportSha256, qemuIo, until } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 process.env.SNAPBLOCK_REPL_TIMEOUT_MS = '2000';
@@ -35,11 +35,7 @@ async function serve(pool?: string, env: Record<string, string> = {}): Promise<R
 
 const ok = cliOk;
 
-function qio(uri: string, ...cmds: string[]): void {
-  const r = run('qemu-io', ['-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
-  expect(r.status, r.stderr + r.stdout).toBe(0);
-  expect(r.stdout, cmds.join(' ; ')).not.toMatch(/Pattern verification failed|failed|error/i);
-}
+const qio = qemuIo;
 
 const sha = exportSha256;
 

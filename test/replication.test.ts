@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import http from 'node:http';
-import { CLI, cli, nbdsh, run, serverHandle, startServer, tempDir, type RunningServer, cliOk, exportSha256, until } from './helpers/server.js';
+import { CLI, cli, nbdsh, run, serverHandle, startServer, tempDir, type RunningServer, cliOk, exportSha256, qemuIo, until } from './helpers/server.js';
 import { RegionLog } from '../src/replication/region-log.js';
 
 const MiB = 1024 * 1024;
@@ -26,11 +26,7 @@ async function serve(pool?: string): Promise<RunningServer> {
 
 const ok = cliOk;
 
-function qio(uri: string, ...cmds: string[]): void {
-  const r = run('qemu-io', ['-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
-  expect(r.status, r.stderr + r.stdout).toBe(0);
-  expect(r.stdout, cmds.join(' ; ')).not.toMatch(/Pattern verification failed|failed|error/i);
-}
+const qio = qemuIo;
 
 const sha = exportSha256;
 

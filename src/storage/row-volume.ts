@@ -385,7 +385,7 @@ export class RowVolume extends JournaledVolume<Meta, Snap> {
    * The pointer a view sees for block l (UNALLOCATED: falls through to the base or zeroes).
    * `deltas`: the deltas that may hold l, oldest first, from the view's snapshot on (deltasNear).
    */
-  private resolve(snap: Snap | undefined, l: number, deltas: DeltaMap[] = snap ? this.deltasNear(snap, l, l) : []): number {
+  private resolve(snap: Snap | undefined, l: number, deltas: DeltaMap[]): number {
     if (!snap) return this.table.ptr(l);
     for (const d of deltas) {
       const k = d.slotOf(l);

@@ -161,7 +161,7 @@ export function qemuIo(uri: string, ...cmds: string[]): void {
   const readOnly = uri.includes('@') ? ['-r'] : []; // snapshot exports are read-only
   const q = run('qemu-io', [...readOnly, '-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])]);
   if (q.status !== 0) throw new Error(`qemu-io exited ${q.status}:\n${q.stderr}${q.stdout}`);
-  if (/Pattern verification failed|error/i.test(q.stdout)) throw new Error(`qemu-io reported a failure:\n${q.stdout}`);
+  if (/Pattern verification failed|failed|error/i.test(q.stdout)) throw new Error(`qemu-io reported a failure:\n${q.stdout}`);
 }
 
 /** What `snapblock serve` logged for each ended connection to an export (session.ts stats), in order. */
